@@ -1,0 +1,394 @@
+"""
+relayroute: reply routing for SMTP relays behind a transparent HAProxy.
+
+A relay answers every connection through the gateway it came in by: connections
+whose first packet arrives from a master-relay's MAC get that proxy's mark,
+kept in the connmark, and their replies take a routing table whose default
+route is the proxy. The HAProxy box itself gets the kernel's TPROXY divert.
+
+This module is a package: Salt's loader loads ``_modules/relayroute/`` as the
+``relayroute`` execution module and ``saltutil.sync_modules`` carries its
+sub-modules along (the loader imports a directory with ``__init__.py`` and the
+sync copies the whole tree). Each sub-module has one job:
+
+- ``model``: validation of inputs (pure)
+- ``plan``: the routes, rules and chains inputs produce (pure)
+- ``iptables``: the packet-filter backend (one read, one transaction)
+- ``netlink``: rules, routes, neighbours and conntrack through pyroute2
+- ``engine``: read, diff, apply, verify, roll back
+
+:depends: pyroute2 >= 0.9, iptables (nf_tables or legacy) with the mac,
+    mark, CONNMARK and socket matches
+"""
+
+import dataclasses
+import logging
+import platform
+import sys
+import types
+
+import salt.utils.path
+from salt.exceptions import CommandExecutionError, SaltInvocationError
+
+# Salt's loader puts this package into sys.modules only after this file has
+# run, and its parent namespace is no package, so the relative imports below
+# would fail. A placeholder carrying __path__ lets Python find the sub-modules;
+# the loader then replaces it with this module.
+if __name__ not in sys.modules:
+    _placeholder = types.ModuleType(__name__)
+    _placeholder.__path__ = __path__
+    sys.modules[__name__] = _placeholder
+
+from . import engine, model, netlink  # noqa: E402
+from . import plan as planner  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "relayroute"
+
+REQUIRED_BINARIES = ("iptables-save", "iptables-restore")
+
+
+def __virtual__():
+    if platform.system() != "Linux":
+        return (False, "relayroute: policy routing and netfilter need a Linux kernel")
+    if not netlink.HAS_PYROUTE2:
+        return (False, "relayroute: the Python library pyroute2 (>= 0.9) is not installed")
+    missing = [name for name in REQUIRED_BINARIES if not salt.utils.path.which(name)]
+    if missing:
+        return (
+            False,
+            f"relayroute: missing {', '.join(missing)} (install the iptables package)",
+        )
+    return __virtualname__
+
+
+def _fail(err):
+    """Turn an engine error into Salt's exceptions, keeping the cause."""
+    if isinstance(err, model.InputError):
+        return SaltInvocationError(str(err))
+    return CommandExecutionError(str(err))
+
+
+def _relay_spec(lan_networks, mark_mask, proxies, prefix):
+    try:
+        return model.relay_spec(lan_networks, mark_mask, proxies, prefix=prefix)
+    except model.InputError as err:
+        raise _fail(err) from err
+
+
+def _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix):
+    try:
+        return model.proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix)
+    except model.InputError as err:
+        raise _fail(err) from err
+
+
+def _with_macs(spec, kernel, prefix, resolve=True):
+    """
+    Check each proxy is a neighbour on a connected network, then fill in MACs
+    not given, from the neighbour table (resolving them when needed).
+    """
+    import ipaddress  # pylint: disable=import-outside-toplevel
+
+    errors = []
+    proxies = []
+    base = f"{prefix}:proxies" if prefix else "proxies"
+    for proxy in spec.proxies:
+        address = ipaddress.IPv4Address(proxy.address)
+        if proxy.address in kernel.addresses:
+            errors.append(
+                f"{base}:{proxy.name}:address: is an address of this host, not of a proxy "
+                f"(got {proxy.address!r})"
+            )
+            continue
+        if not any(address in ipaddress.IPv4Network(net) for net in kernel.networks):
+            errors.append(
+                f"{base}:{proxy.name}:address: is not on a connected network of this host "
+                f"{sorted(set(kernel.networks))} (got {proxy.address!r})"
+            )
+            continue
+        mac = proxy.mac
+        if not mac:
+            mac = netlink.lookup_mac(proxy.address, resolve=resolve)
+            if not mac and resolve:
+                errors.append(
+                    f"{base}:{proxy.name}:mac: not given, and {proxy.address} did not answer "
+                    "ARP; give the MAC or check the proxy is up (got None)"
+                )
+                continue
+            if not mac:
+                mac = f"<mac of {proxy.address}>"
+        proxies.append(dataclasses.replace(proxy, mac=mac))
+    if errors:
+        raise SaltInvocationError("; ".join(errors))
+    return dataclasses.replace(spec, proxies=tuple(proxies))
+
+
+def _converge(plan_, filter_backend, current, test, prefix, scope=None):
+    try:
+        return engine.converge(
+            plan_, filter_backend, current=current, test=test, prefix=prefix, scope=scope
+        )
+    except (model.InputError, engine.ApplyError, RuntimeError) as err:
+        raise _fail(err) from err
+
+
+def _backend(name):
+    try:
+        return engine.backend(name)
+    except model.InputError as err:
+        raise _fail(err) from err
+
+
+def _read(filter_backend):
+    try:
+        return engine.read(filter_backend)
+    except RuntimeError as err:
+        raise _fail(err) from err
+
+
+def plan(lan_networks, mark_mask, proxies, backend="iptables"):
+    """
+    Show the exact routes, ip rules and packet-filter rules a relay's inputs
+    produce, without touching or even reading the kernel (no root needed).
+    A proxy without ``mac`` shows a placeholder for the MAC looked up at apply.
+
+    lan_networks
+        The relay's own networks, never marked (list of CIDR networks).
+    mark_mask
+        relayroute's bits of the packet mark, e.g. ``0xff``.
+    proxies
+        Mapping of proxy name to ``address``, ``mark``, ``table``, ``priority``
+        and optional ``mac``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.plan '[192.0.2.0/24]' 0xff \\
+            '{master-relay: {address: 192.0.2.2, mac: "02:00:c0:00:02:02", \\
+              mark: 254, table: 1000254, priority: 1000}}'
+    """
+    spec = _relay_spec(lan_networks, mark_mask, proxies, "")
+    spec = dataclasses.replace(
+        spec,
+        proxies=tuple(
+            dataclasses.replace(p, mac=p.mac or f"<mac of {p.address}>") for p in spec.proxies
+        ),
+    )
+    relay = planner.relay_plan(spec)
+    filter_backend = _backend(backend)
+    return {**relay.lines(), filter_backend.NAME: filter_backend.desired_lines(relay)}
+
+
+def relay_apply(lan_networks, mark_mask, proxies, test=False, backend="iptables", prefix=""):
+    """
+    Put a relay's reply routing in place: per proxy a table whose default
+    route is the proxy and ``ip rule fwmark MARK/MASK lookup TABLE``, and the
+    mangle chains that restore, set and save the mark. Routes, rules and
+    chains relayroute owns but the inputs no longer ask for are removed.
+    Returns ``{"changes": {...}}``, empty when the kernel already matches.
+
+    Bad input or a conflict with another tool's rules or tables raises before
+    anything changes; a failure while applying is rolled back.
+
+    test
+        Only report what would change.
+    prefix
+        Key path prepended to input errors (``relayroute`` for pillar).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.relay_apply '[192.0.2.0/24]' 0xff \\
+            '{master-relay: {address: 192.0.2.2, mark: 254, table: 1000254, priority: 1000}}'
+    """
+    spec = _relay_spec(lan_networks, mark_mask, proxies, prefix)
+    filter_backend = _backend(backend)
+    current = _read(filter_backend)
+    spec = _with_macs(spec, current.kernel, prefix)
+    return _converge(planner.relay_plan(spec), filter_backend, current, test, prefix)
+
+
+def relay_remove(test=False, backend="iptables"):
+    """
+    Remove everything relayroute added for the relay role: its mangle chains
+    and jumps, its ip rules and its table routes. Nothing else is touched.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.relay_remove
+    """
+    filter_backend = _backend(backend)
+    empty = planner.empty_plan(planner.RELAY)
+    return _converge(empty, filter_backend, _read(filter_backend), test, "")
+
+
+def proxy_apply(
+    divert_mark=1,
+    divert_table=100,
+    divert_priority=100,
+    mark_mask=0xFF,
+    test=False,
+    backend="iptables",
+    prefix="",
+):
+    """
+    Put the transparent proxy's divert routing in place: packets of local
+    transparent sockets (``-m socket --transparent``) get ``divert_mark``,
+    ``ip rule fwmark MARK/MASK lookup divert_table``, and
+    ``local 0.0.0.0/0 dev lo`` in that table.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt master-relay relayroute.proxy_apply divert_mark=1 divert_table=100
+    """
+    spec = _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix)
+    filter_backend = _backend(backend)
+    return _converge(
+        planner.proxy_plan(spec), filter_backend, _read(filter_backend), test, prefix
+    )
+
+
+def proxy_remove(test=False, backend="iptables"):
+    """
+    Remove everything relayroute added for the proxy role.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt master-relay relayroute.proxy_remove
+    """
+    filter_backend = _backend(backend)
+    empty = planner.empty_plan(planner.PROXY)
+    return _converge(empty, filter_backend, _read(filter_backend), test, "")
+
+
+def policy_route_apply(table, gateway, fwmark, priority, fwmask=0xFFFFFFFF, test=False):
+    """
+    Keep one policy route on its own: ``default via GATEWAY table TABLE`` and
+    ``ip rule priority PRIORITY fwmark FWMARK/FWMASK lookup TABLE``. Other
+    policy routes, and the relay and proxy roles, are not touched.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.policy_route_apply 1000254 192.0.2.2 254 1000 fwmask=0xff
+    """
+    try:
+        spec = model.policy_route_spec(table, gateway, fwmark, fwmask, priority)
+    except model.InputError as err:
+        raise _fail(err) from err
+    wanted = planner.policy_route_plan(spec)
+    filter_backend = _backend("iptables")
+    return _converge(
+        wanted, filter_backend, _read(filter_backend), test, "", planner.plan_scope(wanted)
+    )
+
+
+def policy_route_remove(table, gateway, fwmark, priority, fwmask=0xFFFFFFFF, test=False):
+    """
+    Remove one policy route kept by :func:`policy_route_apply` (its table's
+    default route and its rule), and nothing else.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.policy_route_remove 1000254 192.0.2.2 254 1000 fwmask=0xff
+    """
+    try:
+        spec = model.policy_route_spec(table, gateway, fwmark, fwmask, priority)
+    except model.InputError as err:
+        raise _fail(err) from err
+    scope = planner.plan_scope(planner.policy_route_plan(spec))
+    empty = planner.empty_plan(planner.POLICY)
+    filter_backend = _backend("iptables")
+    return _converge(empty, filter_backend, _read(filter_backend), test, "", scope)
+
+
+def show(role=None, backend="iptables"):
+    """
+    Show what relayroute owns in the kernel now, per role: ip rules, table
+    routes and packet-filter lines.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.show
+        salt master-relay relayroute.show role=proxy
+    """
+    filter_backend = _backend(backend)
+    current = _read(filter_backend)
+    roles = [role] if role else sorted(planner.OWNERS)
+    shown = {}
+    for name in roles:
+        owner = planner.OWNERS.get(name)
+        if owner is None:
+            raise SaltInvocationError(f"role: must be one of {sorted(planner.OWNERS)} (got {name!r})")
+        shown[name] = {
+            "rules": [rule.line() for rule in engine.owned_rules(current.kernel, owner)],
+            "routes": [route.line() for route in engine.owned_routes(current.kernel, owner)],
+            filter_backend.NAME: filter_backend.owned_lines(current.ruleset, owner.chain_prefix),
+        }
+    return shown
+
+
+def lookup_mac(address, resolve=True):
+    """
+    The MAC address of a neighbour, from the kernel's neighbour table. With
+    ``resolve`` (default), an address not in the table is resolved first.
+    Returns None when it cannot be found.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.lookup_mac 192.0.2.2
+    """
+    errors = model._Errors()
+    norm = model.to_ipv4(address, errors, "address")
+    if norm is None:
+        raise SaltInvocationError("; ".join(errors.items))
+    try:
+        return netlink.lookup_mac(norm, resolve=resolve)
+    except RuntimeError as err:
+        raise _fail(err) from err
+
+
+def flows(mark_mask=0xFFFFFFFF, port=None):
+    """
+    Conntrack's view of the host's connections with their connmark, what the
+    seed checks with ``conntrack -L``: mark 0 for connections that came by the
+    default gateway, the proxy's mark for those that came through it.
+
+    mark_mask
+        Show only these bits of the connmark (relayroute's ``mark_mask``).
+    port
+        Only flows to or from this port, e.g. 25.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.flows mark_mask=0xff port=25
+    """
+    errors = model._Errors()
+    mask = model.to_mask(mark_mask, errors, "mark_mask")
+    if port is not None:
+        port = model.to_int(port, errors, "port", minimum=1, maximum=65535, what="a port")
+    if errors.items:
+        raise SaltInvocationError("; ".join(errors.items))
+    try:
+        return [flow.line() for flow in netlink.flows(mask, port)]
+    except RuntimeError as err:
+        raise _fail(err) from err

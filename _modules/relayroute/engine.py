@@ -1,0 +1,237 @@
+"""
+The engine: read the kernel, diff it against a plan, apply the difference,
+verify, and roll back when anything fails.
+
+    plan (pure) -> read (one ruleset read + netlink dumps) -> diff (pure)
+        -> apply (netlink calls + one packet-filter transaction) -> verify
+
+Order of application keeps traffic safe at every step: table routes first,
+then ip rules, then the packet-filter transaction that starts marking, and only
+then the removal of rules and routes nothing marks for any more. Removal runs
+the other way round.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from . import iptables, netlink
+from .model import InputError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = {iptables.NAME: iptables}
+
+
+class ApplyError(RuntimeError):
+    """Applying failed; the host was rolled back to how it was (``rolled_back``)."""
+
+    def __init__(self, message, rolled_back=True):
+        self.rolled_back = rolled_back
+        super().__init__(message)
+
+
+@dataclass
+class Current:
+    kernel: netlink.KernelState
+    ruleset: object  # the backend's ruleset
+
+
+@dataclass
+class Diff:
+    """What has to change, split in the order it is applied."""
+
+    before: List[tuple] = field(default_factory=list)  # route_replace, rule_add
+    after: List[tuple] = field(default_factory=list)  # rule_del, route_del
+    transaction: Optional[str] = None
+    changes: dict = field(default_factory=dict)
+
+    def __bool__(self):
+        return bool(self.before or self.after or self.transaction)
+
+
+def backend(name=iptables.NAME):
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise InputError([f"backend: unknown packet-filter backend (got {name!r})"]) from None
+
+
+def read(filter_backend, kernel=None):
+    """The kernel now: one ruleset read, netlink dumps (reused when given)."""
+    return Current(kernel or netlink.read(), filter_backend.read())
+
+
+def owned_rules(kernel, owner):
+    return [rule for rule in kernel.rules if rule.proto == owner.proto]
+
+
+def owned_routes(kernel, owner):
+    return [route for route in kernel.routes if route.proto == owner.proto]
+
+
+def _route_matches(planned, current):
+    return (
+        planned.key == current.key
+        and planned.gateway == current.gateway
+        and (planned.dev is None or planned.dev == current.dev)
+    )
+
+
+def conflicts(plan, kernel, prefix=""):
+    """
+    Host-dependent checks of a plan: a priority taken by another tool's rule, a
+    table holding another tool's routes. Messages name the input key and value.
+    """
+    errors = []
+    owner = plan.owner
+
+    def path(origin):
+        return f"{prefix}:{origin}" if prefix else origin
+
+    for rule in plan.rules:
+        for other in kernel.rules:
+            if other.priority == rule.priority and other.proto != owner.proto:
+                errors.append(
+                    f"{path(rule.origin)}: priority {rule.priority} is already used by "
+                    f"another tool's rule '{other.line()}' (got {rule.priority!r})"
+                )
+                break
+    for route in plan.routes:
+        foreign = [r for r in kernel.routes if r.table == route.table and r.proto != owner.proto]
+        if foreign:
+            errors.append(
+                f"{path(route.origin)}: table {route.table} already holds another tool's "
+                f"route '{foreign[0].line()}' (got {route.table!r})"
+            )
+    return errors
+
+
+def diff(plan, current, filter_backend, scope=None):
+    """
+    Pure: the operations and transaction that turn ``current`` into ``plan``.
+
+    Without ``scope`` everything the owner has is compared (stale items are
+    removed). With ``scope = (route keys, rule priorities)`` only owned items
+    with those keys are considered and the packet filter is left alone: that
+    is how a single policy route is managed beside others of its kind.
+    """
+    owner = plan.owner
+    result = Diff()
+    have_routes = owned_routes(current.kernel, owner)
+    have_rules = owned_rules(current.kernel, owner)
+    if scope is not None:
+        route_keys, priorities = scope
+        have_routes = [route for route in have_routes if route.key in route_keys]
+        have_rules = [rule for rule in have_rules if rule.priority in priorities]
+
+    for route in plan.routes:
+        if not any(_route_matches(route, have) for have in have_routes):
+            result.before.append(("route_replace", route))
+    planned_keys = {route.key for route in plan.routes}
+    for have in have_routes:
+        if have.key not in planned_keys:
+            result.after.append(("route_del", have))
+
+    have_plain = [rule.as_rule() for rule in have_rules if not rule.selectors]
+    for rule in plan.rules:
+        if rule not in have_plain:
+            result.before.append(("rule_add", rule))
+    for have in have_rules:
+        if have.selectors or have.as_rule() not in plan.rules:
+            result.after.append(("rule_del", have.as_rule()))
+
+    if scope is None:
+        result.transaction = filter_backend.transaction(plan, current.ruleset)
+
+    old_routes = sorted(route.line() for route in have_routes)
+    new_routes = sorted(route.line() for route in plan.routes)
+    if [op for op in result.before + result.after if op[0].startswith("route")]:
+        result.changes["routes"] = {"old": old_routes, "new": new_routes}
+    if [op for op in result.before + result.after if op[0].startswith("rule")]:
+        result.changes["rules"] = {
+            "old": [rule.line() for rule in sorted(have_rules, key=lambda r: r.priority)],
+            "new": [rule.line() for rule in plan.rules],
+        }
+    if result.transaction:
+        result.changes[filter_backend.NAME] = {
+            "old": filter_backend.owned_lines(current.ruleset, owner.chain_prefix),
+            "new": filter_backend.desired_lines(plan),
+        }
+    return result
+
+
+def _undo_ops(done, kernel_before, owner):
+    """The netlink operations that reverse ``done`` (in reverse order)."""
+    old_routes = {route.key: route for route in owned_routes(kernel_before, owner)}
+    undo = []
+    for verb, obj in reversed(done):
+        if verb == "route_replace":
+            previous = old_routes.get(obj.key)
+            undo.append(("route_replace", previous) if previous else ("route_del", obj))
+        elif verb == "route_del":
+            undo.append(("route_replace", obj))
+        elif verb == "rule_add":
+            undo.append(("rule_del", obj))
+        elif verb == "rule_del":
+            undo.append(("rule_add", obj))
+    return undo
+
+
+def _rollback(done_ops, filter_written, current, plan, filter_backend):
+    """Put back what was changed, newest first. Returns the problems met doing so."""
+    problems = []
+    if filter_written:
+        try:
+            chains, jumps = filter_backend.snapshot(current.ruleset, plan.owner.chain_prefix)
+            now = filter_backend.read()
+            payload = filter_backend.transaction_to(chains, jumps, now, plan.owner.chain_prefix)
+            if payload:
+                filter_backend.apply(payload)
+        except Exception as err:  # noqa: BLE001 - report every rollback failure
+            problems.append(f"restoring {filter_backend.NAME} chains: {err}")
+    try:
+        netlink.run_ops(_undo_ops(done_ops, current.kernel, plan.owner))
+    except Exception as err:  # noqa: BLE001
+        problems.append(f"restoring routes and rules: {err}")
+    return problems
+
+
+def converge(plan, filter_backend, current=None, test=False, prefix="", scope=None):
+    """
+    Bring the owner's kernel state to ``plan``. Returns ``{"changes": ...}``;
+    with ``test`` nothing is touched and the changes are what would be made.
+    Raises :class:`InputError` for conflicts with other tools (nothing
+    touched) and :class:`ApplyError` when applying fails (rolled back).
+    """
+    current = current or read(filter_backend)
+    errors = conflicts(plan, current.kernel, prefix)
+    if errors:
+        raise InputError(errors)
+    todo = diff(plan, current, filter_backend, scope)
+    if not todo or test:
+        return {"changes": todo.changes}
+
+    done = []
+    filter_written = False
+    try:
+        done += netlink.run_ops(todo.before)
+        if todo.transaction:
+            filter_backend.apply(todo.transaction)
+            filter_written = True
+        done += netlink.run_ops(todo.after)
+        again = diff(plan, read(filter_backend), filter_backend, scope)
+        if again:
+            raise RuntimeError(
+                "verification failed: after applying, the kernel still differs from the plan: "
+                f"{again.changes}"
+            )
+    except Exception as err:
+        done += getattr(err, "done", [])
+        problems = _rollback(done, filter_written, current, plan, filter_backend)
+        if problems:
+            raise ApplyError(
+                f"{err}; rollback incomplete: {'; '.join(problems)}", rolled_back=False
+            ) from err
+        raise ApplyError(f"{err}; the previous state was restored") from err
+    return {"changes": todo.changes}

@@ -1,0 +1,230 @@
+"""
+iptables backend: renders a plan's chains as iptables rules, reads the mangle
+table once with ``iptables-save``, and writes relayroute's chains in one
+``iptables-restore --noflush`` transaction.
+
+Only chains whose names start with the owner's prefix, and jumps to them from
+the built-in chains, are ever written; every other line of the ruleset stays
+as it is. Declaring a chain in a ``--noflush`` transaction flushes that chain
+alone, so a changed chain is rewritten whole, atomically.
+"""
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+NAME = "iptables"
+TABLE = "mangle"
+HOOKS = {"prerouting": "PREROUTING", "output": "OUTPUT"}
+BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+SAVE = ("iptables-save", "-t", TABLE)
+RESTORE = ("iptables-restore", "--noflush")
+
+
+class BackendError(RuntimeError):
+    """A packet-filter command failed; the message carries the command and its stderr."""
+
+
+def render_rule(rule, chain_name):
+    """One abstract rule as the rule specification iptables-save prints for it."""
+    kind, args = rule[0], rule[1:]
+    if kind == "restore_mark":
+        (mask,) = args
+        return f"-j CONNMARK --restore-mark --nfmask {mask:#x} --ctmask {mask:#x}"
+    if kind == "save_mark":
+        (mask,) = args
+        return f"-j CONNMARK --save-mark --nfmask {mask:#x} --ctmask {mask:#x}"
+    if kind == "return_if_marked":
+        (mask,) = args
+        return f"-m mark ! --mark 0x0/{mask:#x} -j RETURN"
+    if kind == "return_if_source":
+        (net,) = args
+        return f"-s {net} -j RETURN"
+    if kind == "mark_from_mac":
+        mac, mark, mask = args
+        return f"-m mac --mac-source {mac} -j MARK --set-xmark {mark:#x}/{mask:#x}"
+    if kind == "set_mark":
+        mark, mask = args
+        return f"-j MARK --set-xmark {mark:#x}/{mask:#x}"
+    if kind == "accept":
+        return "-j ACCEPT"
+    if kind == "jump_transparent_socket":
+        (target,) = args
+        return f"-p tcp -m socket --transparent -j {chain_name(target)}"
+    raise ValueError(f"iptables backend cannot render rule {rule!r}")
+
+
+@dataclass
+class Ruleset:
+    """The mangle table as iptables-save shows it: every chain's rule specs, in order."""
+
+    chains: Dict[str, List[str]] = field(default_factory=dict)
+
+    def owned(self, prefix):
+        return {name: rules for name, rules in self.chains.items() if name.startswith(prefix)}
+
+    def jumps(self, prefix):
+        """``(builtin chain, rule spec)`` of every built-in rule that jumps to an owned chain."""
+        found = []
+        for builtin in BUILTIN:
+            for spec in self.chains.get(builtin, []):
+                target = _target(spec)
+                if target and target.startswith(prefix):
+                    found.append((builtin, spec))
+        return found
+
+
+def _target(spec):
+    words = spec.split()
+    for flag in ("-j", "-g"):
+        if flag in words:
+            index = words.index(flag)
+            if index + 1 < len(words):
+                return words[index + 1]
+    return None
+
+
+def parse_save(text):
+    """Parse ``iptables-save -t mangle`` output into a :class:`Ruleset`."""
+    ruleset = Ruleset()
+    in_table = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("*"):
+            in_table = line[1:] == TABLE
+            continue
+        if not in_table or not line or line.startswith("#"):
+            continue
+        if line.startswith(":"):
+            ruleset.chains.setdefault(line[1:].split()[0], [])
+        elif line.startswith("-A "):
+            _, chain, spec = line.split(" ", 2)
+            ruleset.chains.setdefault(chain, []).append(spec)
+    return ruleset
+
+
+def desired(plan):
+    """
+    The owned chains and jumps a plan asks for:
+    ``({chain name: [rule specs]}, [(builtin, jump spec)])``.
+    """
+    prefix = plan.owner.chain_prefix
+
+    def chain_name(short):
+        return prefix + short
+
+    chains = {}
+    jumps = []
+    for chain in plan.chains:
+        name = chain_name(chain.name)
+        chains[name] = [render_rule(rule, chain_name) for rule in chain.rules]
+        if chain.hook:
+            jumps.append((HOOKS[chain.hook], f"-j {name}"))
+    return chains, jumps
+
+
+def owned_lines(ruleset, prefix):
+    """An owner's part of the ruleset as ``-A`` lines, jumps first, for diffs and reports."""
+    lines = [f"-A {builtin} {spec}" for builtin, spec in ruleset.jumps(prefix)]
+    for name in sorted(ruleset.owned(prefix)):
+        lines.append(f"-N {name}")
+        lines += [f"-A {name} {spec}" for spec in ruleset.chains[name]]
+    return lines
+
+
+def desired_lines(plan):
+    chains, jumps = desired(plan)
+    lines = [f"-A {builtin} {spec}" for builtin, spec in jumps]
+    for name in sorted(chains):
+        lines.append(f"-N {name}")
+        lines += [f"-A {name} {spec}" for spec in chains[name]]
+    return lines
+
+
+def transaction(plan, ruleset):
+    """
+    The ``iptables-restore --noflush`` input that turns the owner's part of
+    ``ruleset`` into what ``plan`` asks for, or None when they already match.
+    Foreign chains and rules are never named in it.
+    """
+    want_chains, want_jumps = desired(plan)
+    return transaction_to(want_chains, want_jumps, ruleset, plan.owner.chain_prefix)
+
+
+def snapshot(ruleset, prefix):
+    """The owner's chains and jumps in ``ruleset``, in the form :func:`transaction_to` takes."""
+    return dict(ruleset.owned(prefix)), list(ruleset.jumps(prefix))
+
+
+def transaction_to(want_chains, want_jumps, ruleset, prefix):
+    """The transaction from the owner's part of ``ruleset`` to the wanted chains and jumps."""
+    have_chains = ruleset.owned(prefix)
+    have_jumps = ruleset.jumps(prefix)
+
+    body = []
+    # Changed or new chains: declaring flushes them; then their rules, whole.
+    for name in sorted(want_chains):
+        if have_chains.get(name) != want_chains[name]:
+            body.append(f":{name} - [0:0]")
+            body += [f"-A {name} {spec}" for spec in want_chains[name]]
+    # Jumps: exactly one of each wanted jump, at the top of its built-in chain
+    # when missing; any other jump to an owned chain goes.
+    seen = set()
+    for builtin, spec in have_jumps:
+        if (builtin, spec) in want_jumps and (builtin, spec) not in seen:
+            seen.add((builtin, spec))
+            continue
+        body.append(f"-D {builtin} {spec}")
+    for builtin, spec in want_jumps:
+        if (builtin, spec) not in seen:
+            body.append(f"-I {builtin} 1 {spec}")
+    # Stale chains: flush, then delete (their jumps went above).
+    stale = sorted(set(have_chains) - set(want_chains))
+    for name in stale:
+        body.append(f":{name} - [0:0]")
+    for name in stale:
+        body.append(f"-X {name}")
+    if not body:
+        return None
+    return "\n".join([f"*{TABLE}", *body, "COMMIT", ""])
+
+
+def _env():
+    env = dict(os.environ)
+    env["LC_ALL"] = "C"
+    return env
+
+
+def read():
+    """Read the mangle table once (one ``iptables-save`` process)."""
+    try:
+        proc = subprocess.run(
+            SAVE, capture_output=True, text=True, check=False, env=_env(), timeout=60
+        )
+    except OSError as err:
+        raise BackendError(f"{' '.join(SAVE)}: {err}") from err
+    if proc.returncode != 0:
+        raise BackendError(f"{' '.join(SAVE)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return parse_save(proc.stdout)
+
+
+def apply(payload):
+    """Write one transaction (one ``iptables-restore --noflush`` process); all or nothing."""
+    try:
+        proc = subprocess.run(
+            RESTORE,
+            input=payload,
+            capture_output=True,
+            text=True,
+            check=False,
+            env=_env(),
+            timeout=60,
+        )
+    except OSError as err:
+        raise BackendError(f"{' '.join(RESTORE)}: {err}") from err
+    if proc.returncode != 0:
+        raise BackendError(
+            f"{' '.join(RESTORE)} failed ({proc.returncode}): {proc.stderr.strip()}\n"
+            f"transaction was:\n{payload}"
+        )

@@ -1,0 +1,323 @@
+"""
+Validation of relayroute's inputs into plain, normalised values.
+
+Pure: no kernel, no Salt. Every problem is reported with the key path and the
+value that caused it, all problems at once, before anything is changed.
+"""
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+# Tables the kernel reserves: unspec, default, main, local.
+RESERVED_TABLES = {0: "unspec", 253: "default", 254: "main", 255: "local"}
+# Rule priorities the kernel's default rules use: local, main, default.
+RESERVED_PRIORITIES = {0: "lookup local", 32766: "lookup main", 32767: "lookup default"}
+U32 = 0xFFFFFFFF
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+class InputError(ValueError):
+    """
+    Bad input: one or more messages, each naming the key path and the value.
+    """
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        super().__init__("; ".join(self.errors))
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """One master-relay as a relay sees it."""
+
+    name: str
+    address: str
+    mark: int
+    table: int
+    priority: int
+    mac: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RelaySpec:
+    """What a relay needs to answer each connection through the gateway it came by."""
+
+    lan_networks: Tuple[str, ...]
+    mark_mask: int
+    proxies: Tuple[Proxy, ...]
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """What a transparent HAProxy box needs to divert its own sockets' replies."""
+
+    divert_mark: int
+    divert_table: int
+    divert_priority: int
+    mark_mask: int
+
+
+@dataclass
+class _Errors:
+    prefix: str = ""
+    items: List[str] = field(default_factory=list)
+
+    def add(self, path, value, problem):
+        self.items.append(f"{self.path(path)}: {problem} (got {value!r})")
+
+    def path(self, path):
+        return f"{self.prefix}:{path}" if self.prefix else str(path)
+
+    def raise_if_any(self):
+        if self.items:
+            raise InputError(self.items)
+
+
+def _is_bool(value):
+    return isinstance(value, bool)
+
+
+def to_int(value, errors, path, minimum=0, maximum=U32, what="an integer"):
+    """
+    Read an integer given as int, decimal or ``0x`` hex string; None when invalid.
+    """
+    number = None
+    if isinstance(value, int) and not _is_bool(value):
+        number = value
+    elif isinstance(value, str) and value.strip():
+        try:
+            number = int(value.strip(), 0)
+        except ValueError:
+            number = None
+    if number is None:
+        errors.add(path, value, f"must be {what}")
+        return None
+    if not minimum <= number <= maximum:
+        errors.add(path, value, f"must be between {minimum} and {maximum}")
+        return None
+    return number
+
+
+def to_ipv4(value, errors, path):
+    """Read a single IPv4 address; None when invalid."""
+    if not isinstance(value, str):
+        errors.add(path, value, "must be an IPv4 address as a string")
+        return None
+    try:
+        return str(ipaddress.IPv4Address(value.strip()))
+    except ValueError:
+        errors.add(path, value, "is not a valid IPv4 address")
+        return None
+
+
+def to_network(value, errors, path):
+    """Read an IPv4 network in CIDR form, host bits clear; None when invalid."""
+    if not isinstance(value, str):
+        errors.add(path, value, "must be an IPv4 network in CIDR form, e.g. 192.0.2.0/24")
+        return None
+    try:
+        return str(ipaddress.IPv4Network(value.strip(), strict=True))
+    except ValueError as err:
+        hint = str(err)
+        if "host bits" in hint:
+            errors.add(path, value, "has host bits set; give the network address")
+        else:
+            errors.add(path, value, "is not a valid IPv4 network in CIDR form")
+        return None
+
+
+def to_mac(value, errors, path):
+    """Read a unicast Ethernet MAC address, normalised to lower case; None when invalid."""
+    if not isinstance(value, str) or not _MAC_RE.match(value.strip().lower()):
+        errors.add(path, value, "is not a MAC address like 02:00:c0:00:02:02")
+        return None
+    mac = value.strip().lower()
+    if int(mac[:2], 16) & 1:
+        errors.add(path, value, "is a multicast MAC address; a gateway's MAC is unicast")
+        return None
+    if mac == "00:00:00:00:00:00":
+        errors.add(path, value, "is the all-zero MAC address")
+        return None
+    return mac
+
+
+def to_mask(value, errors, path):
+    """Read a non-zero 32-bit mark mask."""
+    return to_int(value, errors, path, minimum=1, what="a 32-bit mask such as 0xff")
+
+
+def check_mark(mark, mask, errors, path, raw):
+    """A mark is non-zero and lies within relayroute's bits of the packet mark."""
+    if mark is None or mask is None:
+        return
+    if mark == 0:
+        errors.add(path, raw, "must not be 0: 0 means 'not marked'")
+    elif mark & ~mask & U32:
+        errors.add(path, raw, f"has bits outside mark_mask {mask:#x}")
+
+
+def check_table(table, errors, path, raw):
+    """A routing table id is not one of the kernel's reserved tables."""
+    if table in RESERVED_TABLES:
+        errors.add(path, raw, f"is the kernel's reserved '{RESERVED_TABLES[table]}' table")
+
+
+def check_priority(priority, errors, path, raw):
+    """A rule priority is not one of the kernel's default rules."""
+    if priority in RESERVED_PRIORITIES:
+        errors.add(
+            path, raw, f"is the priority of the kernel's '{RESERVED_PRIORITIES[priority]}' rule"
+        )
+
+
+def _proxy_items(proxies, errors, path):
+    """Proxies come as a mapping keyed by name, or as a list of mappings with 'name'."""
+    if isinstance(proxies, dict):
+        items = []
+        for name, body in proxies.items():
+            if not isinstance(body, dict):
+                errors.add(f"{path}:{name}", body, "must be a mapping")
+                continue
+            items.append((str(name), body))
+        return items
+    if isinstance(proxies, (list, tuple)):
+        items = []
+        for index, body in enumerate(proxies):
+            if not isinstance(body, dict):
+                errors.add(f"{path}:{index}", body, "must be a mapping")
+                continue
+            name = body.get("name")
+            if not isinstance(name, str) or not name:
+                errors.add(f"{path}:{index}:name", name, "every proxy needs a name")
+                continue
+            items.append((name, body))
+        return items
+    errors.add(path, proxies, "must be a mapping of proxies keyed by name")
+    return []
+
+
+def _unique(items, attribute, errors, path_of):
+    seen = {}
+    for item in items:
+        value = getattr(item, attribute)
+        if value is None:
+            continue
+        if value in seen:
+            errors.add(
+                path_of(item, attribute),
+                value,
+                f"is also the {attribute} of proxy {seen[value]!r}; each proxy needs its own",
+            )
+        else:
+            seen[value] = item.name
+
+
+PROXY_KEYS = {"name", "address", "mac", "mark", "table", "priority"}
+RELAY_KEYS = {"lan_networks", "mark_mask", "proxies"}
+
+
+def relay_spec(lan_networks, mark_mask, proxies, prefix=""):
+    """
+    Validate a relay's inputs and return a :class:`RelaySpec`.
+
+    ``proxies`` is a mapping keyed by proxy name (or a list of mappings with
+    ``name``), each with ``address``, ``mark``, ``table``, ``priority`` and an
+    optional ``mac``. Raises :class:`InputError` naming every bad key and value.
+    """
+    errors = _Errors(prefix)
+    nets = []
+    if not isinstance(lan_networks, (list, tuple)) or not lan_networks:
+        errors.add("lan_networks", lan_networks, "must be a non-empty list of networks")
+    else:
+        for index, net in enumerate(lan_networks):
+            norm = to_network(net, errors, f"lan_networks:{index}")
+            if norm is not None and norm not in nets:
+                nets.append(norm)
+    mask = to_mask(mark_mask, errors, "mark_mask")
+
+    parsed = []
+    items = _proxy_items(proxies, errors, "proxies")
+    if not items and isinstance(proxies, (dict, list, tuple)) and not errors.items:
+        errors.add("proxies", proxies, "must list at least one proxy")
+    for name, body in items:
+        base = f"proxies:{name}"
+        for key in sorted(set(body) - PROXY_KEYS):
+            errors.add(f"{base}:{key}", body[key], f"is not a known key ({sorted(PROXY_KEYS)})")
+        for key in ("address", "mark", "table", "priority"):
+            if key not in body:
+                errors.add(f"{base}:{key}", None, "is required")
+        address = to_ipv4(body["address"], errors, f"{base}:address") if "address" in body else None
+        mac = None
+        if body.get("mac") not in (None, ""):
+            mac = to_mac(body["mac"], errors, f"{base}:mac")
+        mark = table = priority = None
+        if "mark" in body:
+            mark = to_int(body["mark"], errors, f"{base}:mark", what="an integer mark")
+            check_mark(mark, mask, errors, f"{base}:mark", body["mark"])
+        if "table" in body:
+            table = to_int(body["table"], errors, f"{base}:table", what="a routing table id")
+            check_table(table, errors, f"{base}:table", body["table"])
+        if "priority" in body:
+            priority = to_int(
+                body["priority"], errors, f"{base}:priority", maximum=32767, what="a rule priority"
+            )
+            check_priority(priority, errors, f"{base}:priority", body["priority"])
+        parsed.append(Proxy(name, address, mark, table, priority, mac))
+
+    def path_of(item, attribute):
+        return f"proxies:{item.name}:{attribute}"
+
+    for attribute in ("mark", "table", "priority", "address", "mac"):
+        _unique(parsed, attribute, errors, path_of)
+    errors.raise_if_any()
+    return RelaySpec(tuple(nets), mask, tuple(sorted(parsed, key=lambda p: p.priority)))
+
+
+def proxy_spec(divert_mark=1, divert_table=100, divert_priority=100, mark_mask=0xFF, prefix=""):
+    """
+    Validate a proxy box's TPROXY inputs and return a :class:`ProxySpec`.
+    """
+    errors = _Errors(prefix)
+    mask = to_mask(mark_mask, errors, "mark_mask")
+    mark = to_int(divert_mark, errors, "divert_mark", what="an integer mark")
+    check_mark(mark, mask, errors, "divert_mark", divert_mark)
+    table = to_int(divert_table, errors, "divert_table", what="a routing table id")
+    check_table(table, errors, "divert_table", divert_table)
+    priority = to_int(
+        divert_priority, errors, "divert_priority", maximum=32767, what="a rule priority"
+    )
+    check_priority(priority, errors, "divert_priority", divert_priority)
+    errors.raise_if_any()
+    return ProxySpec(mark, table, priority, mask)
+
+
+@dataclass(frozen=True)
+class PolicyRouteSpec:
+    """One policy route: ``default via gateway table T`` and ``fwmark M/MASK lookup T``."""
+
+    table: int
+    gateway: str
+    fwmark: int
+    fwmask: int
+    priority: int
+
+
+def policy_route_spec(table, gateway, fwmark, fwmask=U32, priority=None, prefix=""):
+    """Validate a single policy route's inputs."""
+    errors = _Errors(prefix)
+    number = to_int(table, errors, "table", what="a routing table id")
+    check_table(number, errors, "table", table)
+    address = to_ipv4(gateway, errors, "gateway")
+    mask = to_mask(fwmask, errors, "fwmask")
+    mark = to_int(fwmark, errors, "fwmark", what="an integer mark")
+    check_mark(mark, mask, errors, "fwmark", fwmark)
+    if priority is None:
+        errors.add("priority", priority, "is required: give the rule an explicit priority")
+        rule_priority = None
+    else:
+        rule_priority = to_int(priority, errors, "priority", maximum=32767, what="a rule priority")
+        check_priority(rule_priority, errors, "priority", priority)
+    errors.raise_if_any()
+    return PolicyRouteSpec(number, address, mark, mask, rule_priority)

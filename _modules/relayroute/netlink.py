@@ -1,0 +1,295 @@
+"""
+Kernel routing state through netlink (pyroute2): ip rules, routes in policy
+tables, addresses, neighbours and conntrack. No ``ip`` process is spawned and
+no command output is parsed.
+
+Tables above 255 are read from the ``RTA_TABLE``/``FRA_TABLE`` attribute, not
+the 8-bit header field; rules always get an explicit priority.
+"""
+
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from typing import List, Tuple
+
+from .plan import DEFAULT_DST, Route, Rule
+
+try:
+    from pyroute2 import Conntrack, IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    HAS_PYROUTE2 = True
+except ImportError:  # pragma: no cover - reported by __virtual__
+    HAS_PYROUTE2 = False
+    NetlinkError = OSError
+
+AF_INET = socket.AF_INET
+FR_ACT_TO_TBL = 1
+RTN_UNICAST = 1
+RTN_LOCAL = 2
+KINDS = {RTN_UNICAST: "unicast", RTN_LOCAL: "local"}
+KIND_TYPES = {name: number for number, name in KINDS.items()}
+# Neighbour states with a usable link-layer address.
+NUD_INCOMPLETE = 0x01
+NUD_FAILED = 0x20
+NUD_NOARP = 0x40
+
+
+class NetlinkOpError(RuntimeError):
+    """A netlink request failed; the message names the operation and the kernel's error."""
+
+
+@dataclass(frozen=True)
+class KernelRule:
+    """An ip rule as the kernel holds it, with what relayroute needs to judge it."""
+
+    priority: int
+    table: int
+    fwmark: int
+    fwmask: int
+    proto: int
+    action: int
+    selectors: Tuple[str, ...]  # other selectors (src, dst, iif, ...) present
+
+    def as_rule(self):
+        return Rule(self.priority, self.fwmark, self.fwmask, self.table, self.proto)
+
+    def line(self):
+        words = [f"{self.priority}:", "from all"]
+        if self.fwmark or self.fwmask:
+            words.append(f"fwmark {self.fwmark:#x}/{self.fwmask:#x}")
+        words += list(self.selectors)
+        words.append(f"lookup {self.table}" if self.action == FR_ACT_TO_TBL else "action")
+        words.append(f"proto {self.proto}")
+        return " ".join(words)
+
+
+@dataclass(frozen=True)
+class KernelState:
+    rules: Tuple[KernelRule, ...]
+    routes: Tuple[Route, ...]  # IPv4 routes of every table outside local/main/default
+    networks: Tuple[str, ...]  # connected IPv4 networks of the host
+    addresses: Tuple[str, ...]  # the host's own IPv4 addresses
+
+
+_RULE_SELECTORS = {
+    "FRA_SRC": "from",
+    "FRA_DST": "to",
+    "FRA_IIFNAME": "iif",
+    "FRA_OIFNAME": "oif",
+    "FRA_UID_RANGE": "uidrange",
+    "FRA_IP_PROTO": "ipproto",
+    "FRA_SPORT_RANGE": "sport",
+    "FRA_DPORT_RANGE": "dport",
+    "FRA_L3MDEV": "l3mdev",
+}
+
+
+def _rule_from_msg(msg):
+    table = msg.get("FRA_TABLE") or msg["table"]
+    selectors = tuple(
+        f"{word} {msg.get(attr)}"
+        for attr, word in _RULE_SELECTORS.items()
+        if msg.get(attr) is not None
+    )
+    if msg["src_len"] and not msg.get("FRA_SRC"):
+        selectors += (f"from /{msg['src_len']}",)
+    return KernelRule(
+        priority=msg.get("FRA_PRIORITY") or 0,
+        table=table,
+        fwmark=msg.get("FRA_FWMARK") or 0,
+        fwmask=msg.get("FRA_FWMASK") or 0,
+        proto=msg.get("FRA_PROTOCOL") or 0,
+        action=msg["action"],
+        selectors=selectors,
+    )
+
+
+def _route_from_msg(msg, ifnames):
+    table = msg.get("RTA_TABLE") or msg["table"]
+    dst = msg.get("RTA_DST")
+    dst = f"{dst}/{msg['dst_len']}" if dst else DEFAULT_DST
+    kind = KINDS.get(msg["type"], str(msg["type"]))
+    oif = msg.get("RTA_OIF")
+    return Route(
+        table=table,
+        proto=msg["proto"],
+        dst=dst,
+        gateway=msg.get("RTA_GATEWAY"),
+        kind=kind,
+        dev=ifnames.get(oif) if kind == "local" else None,
+    )
+
+
+def _wrap(what):
+    def decorate(func):
+        def inner(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except NetlinkError as err:
+                raise NetlinkOpError(f"{what}: {err}") from err
+
+        inner.__name__ = func.__name__
+        inner.__doc__ = func.__doc__
+        return inner
+
+    return decorate
+
+
+@_wrap("reading routing state over netlink")
+def read():
+    """Dump ip rules, policy-table routes, addresses and links (netlink only)."""
+    with IPRoute() as ipr:
+        ifnames = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
+        rules = tuple(_rule_from_msg(msg) for msg in ipr.get_rules(family=AF_INET))
+        routes = tuple(
+            _route_from_msg(msg, ifnames)
+            for msg in ipr.route("dump", family=AF_INET)
+            if (msg.get("RTA_TABLE") or msg["table"]) not in (253, 254, 255)
+        )
+        networks, addresses = [], []
+        for msg in ipr.get_addr(family=AF_INET):
+            addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+            addresses.append(addr)
+            if not addr.startswith("127."):
+                networks.append(str(ipaddress.IPv4Interface(f"{addr}/{msg['prefixlen']}").network))
+    return KernelState(rules, routes, tuple(networks), tuple(addresses))
+
+
+def _route_args(route, ipr):
+    args = {
+        "dst": route.dst,
+        "table": route.table,
+        "proto": route.proto,
+        "type": KIND_TYPES[route.kind],
+        "family": AF_INET,
+    }
+    if route.gateway:
+        args["gateway"] = route.gateway
+    if route.dev:
+        args["oif"] = ipr.link_lookup(ifname=route.dev)[0]
+    if route.kind == "local":
+        args["scope"] = 254  # host
+    return args
+
+
+def _rule_args(rule):
+    return {
+        "family": AF_INET,
+        "priority": rule.priority,
+        "fwmark": rule.fwmark,
+        "fwmask": rule.fwmask,
+        "table": rule.table,
+        "protocol": rule.proto,
+        "action": "FR_ACT_TO_TBL",
+    }
+
+
+def run_ops(ops):
+    """
+    Carry out netlink operations in order. ``ops`` are ``(verb, object)`` with
+    verb one of ``route_replace``, ``route_del``, ``rule_add``, ``rule_del``.
+    Stops at the first failure and raises :class:`NetlinkOpError` naming it,
+    with ``done`` set to the operations that succeeded before it.
+    """
+    done = []
+    with IPRoute() as ipr:
+        for verb, obj in ops:
+            try:
+                if verb == "route_replace":
+                    ipr.route("replace", **_route_args(obj, ipr))
+                elif verb == "route_del":
+                    ipr.route("del", **_route_args(obj, ipr))
+                elif verb == "rule_add":
+                    ipr.rule("add", **_rule_args(obj))
+                elif verb == "rule_del":
+                    ipr.rule("del", **_rule_args(obj))
+                else:
+                    raise ValueError(f"unknown netlink operation {verb!r}")
+            except NetlinkError as err:
+                error = NetlinkOpError(f"{verb.replace('_', ' ')} '{obj.line()}': {err}")
+                error.done = done
+                raise error from err
+            done.append((verb, obj))
+    return done
+
+
+def _neighbour_mac(ipr, address):
+    for msg in ipr.get_neighbours(family=AF_INET, dst=address):
+        mac = msg.get("NDA_LLADDR")
+        if mac and not msg["state"] & (NUD_INCOMPLETE | NUD_FAILED):
+            return mac.lower()
+    return None
+
+
+@_wrap("looking up a neighbour over netlink")
+def lookup_mac(address, resolve=True, timeout=3.0):
+    """
+    The MAC address of ``address`` from the neighbour table. When absent and
+    ``resolve`` is true, make the kernel resolve it (one UDP datagram to the
+    discard port triggers ARP) and wait up to ``timeout`` seconds. None when
+    it cannot be found.
+    """
+    with IPRoute() as ipr:
+        mac = _neighbour_mac(ipr, address)
+        if mac or not resolve:
+            return mac
+        deadline = time.monotonic() + timeout
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.sendto(b"", (address, 9))
+            except OSError:
+                return None
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+                mac = _neighbour_mac(ipr, address)
+                if mac:
+                    return mac
+    return None
+
+
+@dataclass(frozen=True)
+class Flow:
+    proto: str
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    reply_src: str
+    mark: int
+    state: str
+
+    def line(self):
+        return (
+            f"{self.proto} {self.state} src={self.src} dst={self.dst} sport={self.sport} "
+            f"dport={self.dport} reply-src={self.reply_src} mark={self.mark}"
+        )
+
+
+@_wrap("dumping conntrack over netlink")
+def flows(mark_mask=0xFFFFFFFF, port=None):
+    """Conntrack entries (IPv4 TCP/UDP), with their connmark under ``mark_mask``."""
+    names = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
+    found: List[Flow] = []
+    with Conntrack() as ct:
+        for entry in ct.dump_entries():
+            orig, reply = entry.tuple_orig, entry.tuple_reply
+            if orig.proto not in names:
+                continue
+            if port is not None and port not in (orig.dport, orig.sport):
+                continue
+            state = entry.protoinfo.state_name() if entry.protoinfo else ""
+            found.append(
+                Flow(
+                    names[orig.proto],
+                    orig.saddr,
+                    orig.sport,
+                    orig.daddr,
+                    orig.dport,
+                    reply.saddr,
+                    (entry.mark or 0) & mark_mask,
+                    state,
+                )
+            )
+    return found

@@ -1,0 +1,206 @@
+"""
+The plan: the exact routes, ip rules and packet-filter chains that validated
+inputs produce. Pure functions over plain data; no kernel, no Salt.
+
+The packet-filter part is backend-neutral: chains hold abstract rules (tuples
+such as ``("restore_mark", 0xff)``) that a backend (iptables today, nftables
+later) renders in its own syntax.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+DEFAULT_DST = "0.0.0.0/0"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """
+    Who owns a piece of kernel state. Routes and rules carry ``proto``; chains
+    carry ``chain_prefix``. Two roles never touch each other's state.
+    """
+
+    role: str
+    proto: int
+    chain_prefix: str
+
+
+# Routing protocol ids tag relayroute's routes and rules (``proto 210`` in ip).
+RELAY = Owner("relay", 210, "RELAYROUTE-RELAY-")
+PROXY = Owner("proxy", 211, "RELAYROUTE-PROXY-")
+# Single policy routes managed on their own (the policy_route states).
+POLICY = Owner("policy", 212, "RELAYROUTE-POLICY-")
+OWNERS = {owner.role: owner for owner in (RELAY, PROXY, POLICY)}
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route in a policy table: unicast default via a gateway, or local on lo."""
+
+    table: int
+    proto: int
+    dst: str = DEFAULT_DST
+    gateway: Optional[str] = None
+    kind: str = "unicast"
+    dev: Optional[str] = None
+    # Where the route comes from in the inputs, for error messages; not compared.
+    origin: str = field(default="", compare=False)
+
+    @property
+    def key(self):
+        return (self.table, self.dst, self.kind)
+
+    def line(self):
+        dst = "default" if self.dst == DEFAULT_DST and self.kind == "unicast" else self.dst
+        words = [] if self.kind == "unicast" else [self.kind]
+        words.append(dst)
+        if self.gateway:
+            words += ["via", self.gateway]
+        if self.dev:
+            words += ["dev", self.dev]
+        words += ["table", str(self.table), "proto", str(self.proto)]
+        return " ".join(words)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``ip rule priority P fwmark MARK/MASK lookup TABLE proto PROTO``."""
+
+    priority: int
+    fwmark: int
+    fwmask: int
+    table: int
+    proto: int
+    origin: str = field(default="", compare=False)
+
+    def line(self):
+        return (
+            f"{self.priority}: from all fwmark {self.fwmark:#x}/{self.fwmask:#x} "
+            f"lookup {self.table} proto {self.proto}"
+        )
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A packet-filter chain of relayroute's own in the mangle table."""
+
+    name: str  # without the owner's prefix, e.g. "PRE"
+    hook: Optional[str]  # "prerouting", "output" or None (reached by a jump)
+    rules: Tuple[tuple, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    owner: Owner
+    routes: Tuple[Route, ...]
+    rules: Tuple[Rule, ...]
+    chains: Tuple[Chain, ...]
+
+    def lines(self):
+        """Routes and rules as an operator reads them (the filter side is backend-specific)."""
+        return {
+            "routes": [route.line() for route in self.routes],
+            "rules": [rule.line() for rule in self.rules],
+        }
+
+
+def relay_plan(spec, owner=RELAY):
+    """
+    The relay's reply routing, as in the seed's answer, for a validated
+    :class:`~model.RelaySpec` whose proxies all have a MAC.
+
+    PRE (from PREROUTING): restore the connmark into relayroute's bits; return
+    when already marked; return for the relays' own networks (never marked);
+    per proxy, mark packets whose source MAC is the proxy's; save the mark into
+    the connmark. OUT (from OUTPUT): restore the connmark, so locally generated
+    replies take the proxy's table.
+    """
+    mask = spec.mark_mask
+    missing = [proxy.name for proxy in spec.proxies if not proxy.mac]
+    if missing:
+        raise ValueError(f"proxies without a MAC cannot be planned: {missing}")
+    routes = tuple(
+        Route(
+            table=proxy.table,
+            proto=owner.proto,
+            gateway=proxy.address,
+            origin=f"proxies:{proxy.name}:table",
+        )
+        for proxy in spec.proxies
+    )
+    rules = tuple(
+        Rule(
+            proxy.priority,
+            proxy.mark,
+            mask,
+            proxy.table,
+            owner.proto,
+            origin=f"proxies:{proxy.name}:priority",
+        )
+        for proxy in spec.proxies
+    )
+    pre = [("restore_mark", mask), ("return_if_marked", mask)]
+    pre += [("return_if_source", net) for net in spec.lan_networks]
+    pre += [("mark_from_mac", proxy.mac, proxy.mark, mask) for proxy in spec.proxies]
+    pre.append(("save_mark", mask))
+    chains = (
+        Chain("PRE", "prerouting", tuple(pre)),
+        Chain("OUT", "output", (("restore_mark", mask),)),
+    )
+    return Plan(owner, routes, rules, chains)
+
+
+def proxy_plan(spec, owner=PROXY):
+    """
+    The transparent proxy's divert routing, the kernel's TPROXY recipe: packets
+    that belong to a local transparent socket get the divert mark and are routed
+    to the local stack through ``local 0.0.0.0/0 dev lo`` in the divert table.
+
+    ``-m socket --transparent`` narrows the match to sockets with IP_TRANSPARENT
+    (HAProxy's ``usesrc clientip`` connections and transparent listeners), so the
+    proxy's ordinary local traffic (ssh, health checks, Salt) is never marked.
+    """
+    mask = spec.mark_mask
+    routes = (
+        Route(
+            table=spec.divert_table,
+            proto=owner.proto,
+            kind="local",
+            dev="lo",
+            origin="divert_table",
+        ),
+    )
+    rules = (
+        Rule(
+            spec.divert_priority,
+            spec.divert_mark,
+            mask,
+            spec.divert_table,
+            owner.proto,
+            origin="divert_priority",
+        ),
+    )
+    chains = (
+        Chain("PRE", "prerouting", (("jump_transparent_socket", "DIVERT"),)),
+        Chain("DIVERT", None, (("set_mark", spec.divert_mark, mask), ("accept",))),
+    )
+    return Plan(owner, routes, rules, chains)
+
+
+def policy_route_plan(spec, owner=POLICY):
+    """One policy route on its own: a table's default route and the fwmark rule to it."""
+    route = Route(table=spec.table, proto=owner.proto, gateway=spec.gateway, origin="table")
+    rule = Rule(
+        spec.priority, spec.fwmark, spec.fwmask, spec.table, owner.proto, origin="priority"
+    )
+    return Plan(owner, (route,), (rule,), ())
+
+
+def plan_scope(plan):
+    """The keys a single policy route's plan covers: ``(route keys, rule priorities)``."""
+    return ({route.key for route in plan.routes}, {rule.priority for rule in plan.rules})
+
+
+def empty_plan(owner):
+    """What ``absent`` asks for: nothing of this owner's."""
+    return Plan(owner, (), (), ())

@@ -1,0 +1,164 @@
+"""
+States for relayroute: keep a relay's reply routing, a proxy's TPROXY divert
+or a single policy route present or absent.
+
+Each state asks the ``relayroute`` execution module for the difference first:
+no difference means ``result: True`` and no changes; with ``test=True`` the
+exact changes are returned with ``result: None`` and nothing is touched.
+``changes`` shows old and new ip rules, routes and packet-filter lines.
+
+.. code-block:: yaml
+
+    relayroute-relay-policy-routing:
+      relayroute.relay_present:
+        - lan_networks: [192.0.2.0/24]
+        - mark_mask: 0xff
+        - proxies:
+            master-relay:
+              address: 192.0.2.2
+              mark: 254
+              table: 1000254
+              priority: 1000
+"""
+
+from salt.exceptions import CommandExecutionError, SaltInvocationError
+
+__virtualname__ = "relayroute"
+
+
+def __virtual__():
+    if "relayroute.relay_apply" in __salt__:
+        return __virtualname__
+    return (False, "relayroute state: the relayroute execution module is not available")
+
+
+def _run(name, func, what, **kwargs):
+    ret = {"name": name, "result": False, "changes": {}, "comment": ""}
+    test = bool(__opts__.get("test"))
+    try:
+        out = __salt__[func](test=test, **kwargs)
+    except (CommandExecutionError, SaltInvocationError) as err:
+        ret["comment"] = str(err)
+        return ret
+    changes = out["changes"]
+    if not changes:
+        ret["result"] = True
+        ret["comment"] = f"{what} is already as described"
+        return ret
+    ret["changes"] = changes
+    if test:
+        ret["result"] = None
+        ret["comment"] = f"{what} would be changed"
+        return ret
+    ret["result"] = True
+    ret["comment"] = f"{what} was changed"
+    return ret
+
+
+def relay_present(name, lan_networks, mark_mask, proxies, backend="iptables", prefix=""):
+    """
+    Make this relay answer each connection through the gateway it came in by.
+
+    name
+        The state's name (free text).
+    lan_networks
+        The relay's own networks; their traffic is never marked.
+    mark_mask
+        relayroute's bits of the packet mark (other mark users keep theirs).
+    proxies
+        Mapping of each master-relay's name to ``address`` (on the relay's
+        network), ``mark``, ``table``, ``priority`` and optional ``mac``
+        (looked up in the neighbour table when absent).
+    backend
+        Packet-filter backend: ``iptables``.
+    prefix
+        Key path prepended to input errors, e.g. ``relayroute`` for pillar.
+    """
+    return _run(
+        name,
+        "relayroute.relay_apply",
+        "relay reply routing",
+        lan_networks=lan_networks,
+        mark_mask=mark_mask,
+        proxies=proxies,
+        backend=backend,
+        prefix=prefix,
+    )
+
+
+def relay_absent(name, backend="iptables"):
+    """Remove exactly what relayroute added for the relay role."""
+    return _run(name, "relayroute.relay_remove", "relay reply routing", backend=backend)
+
+
+def proxy_present(
+    name,
+    divert_mark=1,
+    divert_table=100,
+    divert_priority=100,
+    mark_mask=0xFF,
+    backend="iptables",
+    prefix="",
+):
+    """
+    Keep the transparent proxy's divert routing: ``-m socket --transparent``
+    packets get ``divert_mark``, which routes them to the local stack through
+    ``local 0.0.0.0/0 dev lo table divert_table``.
+    """
+    return _run(
+        name,
+        "relayroute.proxy_apply",
+        "proxy divert routing",
+        divert_mark=divert_mark,
+        divert_table=divert_table,
+        divert_priority=divert_priority,
+        mark_mask=mark_mask,
+        backend=backend,
+        prefix=prefix,
+    )
+
+
+def proxy_absent(name, backend="iptables"):
+    """Remove exactly what relayroute added for the proxy role."""
+    return _run(name, "relayroute.proxy_remove", "proxy divert routing", backend=backend)
+
+
+def policy_route_present(name, table, gateway, fwmark, priority, fwmask=0xFFFFFFFF):
+    """
+    Keep one policy route: ``default via gateway`` in ``table`` and the rule
+    ``priority: fwmark fwmark/fwmask lookup table``.
+
+    .. code-block:: yaml
+
+        backup-uplink:
+          relayroute.policy_route_present:
+            - table: 1000250
+            - gateway: 192.0.2.3
+            - fwmark: 250
+            - fwmask: 0xff
+            - priority: 1001
+    """
+    return _run(
+        name,
+        "relayroute.policy_route_apply",
+        f"policy route for table {table}",
+        table=table,
+        gateway=gateway,
+        fwmark=fwmark,
+        fwmask=fwmask,
+        priority=priority,
+    )
+
+
+def policy_route_absent(name, table, gateway, fwmark, priority, fwmask=0xFFFFFFFF):
+    """Remove one policy route kept by :func:`policy_route_present`."""
+    return _run(
+        name,
+        "relayroute.policy_route_remove",
+        f"policy route for table {table}",
+        table=table,
+        gateway=gateway,
+        fwmark=fwmark,
+        fwmask=fwmask,
+        priority=priority,
+    )

@@ -1,0 +1,50 @@
+"""
+Shared fixtures. The engine's pure sub-modules are importable as ``relayroute.*``
+(the ``_modules/relayroute`` package) for unit tests that need neither root nor Salt.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "_modules"))
+sys.path.insert(0, str(ROOT))
+
+from tests.support import netns as netns_support  # noqa: E402
+
+
+def is_root():
+    return os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config, items):
+    if is_root():
+        return
+    skip = pytest.mark.skip(reason="needs root and network namespaces")
+    for item in items:
+        if "root" in item.keywords or "lab" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def make_netns():
+    """Factory of namespaces named with the run's prefix; all removed after the test."""
+    made = []
+
+    def make(short):
+        ns = netns_support.Netns(short)
+        made.append(ns)
+        return ns
+
+    yield make
+    for ns in reversed(made):
+        ns.delete()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Belt and braces: nothing with this run's prefix survives the run.
+    for name in netns_support.leftover_namespaces():
+        netns_support.run(["ip", "netns", "delete", name], check=False)

@@ -1,0 +1,56 @@
+"""
+Functional tests: the execution and state modules loaded by Salt's own loaders
+(pytest-salt-factories), run on the real kernel inside a namespace per test.
+
+The modules are synced the way an operator's minion gets them:
+``saltutil.sync_all`` from a ``file_roots`` that is this checkout.
+"""
+
+import pytest
+from saltfactories.utils.functional import Loaders
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="session")
+def minion_opts(salt_factories):
+    factory = salt_factories.salt_minion_daemon(
+        "relayroute-functional",
+        overrides={
+            "file_client": "local",
+            "file_roots": {"base": [str(ROOT)]},
+            "enable_fqdns_grains": False,
+            "grains_cache": True,
+        },
+    )
+    return factory.config.copy()
+
+
+@pytest.fixture(scope="session")
+def loaders(minion_opts):
+    return Loaders(minion_opts)
+
+
+@pytest.fixture(autouse=True)
+def _reset_loaders_state(loaders):
+    try:
+        yield
+    finally:
+        loaders.reset_state()
+
+
+@pytest.fixture
+def relay_ns(make_netns):
+    """A relay namespace on 192.0.2.0/24 with a peer namespace holding the proxy's address."""
+    from tests.support.netns import veth
+
+    relay = make_netns("relay")
+    lan = make_netns("lan")
+    veth(relay, "eth0", lan, "eth0")
+    relay.ip("addr add 192.0.2.11/24 dev eth0")
+    lan.ip("addr add 192.0.2.2/24 dev eth0")
+    lan.ip("addr add 192.0.2.3/24 dev eth0")
+    relay.ip("route add default via 192.0.2.1")
+    return relay

@@ -1,0 +1,165 @@
+"""
+Network namespaces for tests: every namespace a run makes carries the run's
+prefix, processes started in them are tracked, and cleanup removes exactly
+what the run made (namespaces, processes), also when a test fails.
+"""
+
+import contextlib
+import ctypes
+import os
+import shlex
+import signal
+import subprocess
+import time
+import uuid
+
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = "/run/netns"
+# One prefix per test run (process): runs on one machine never collide.
+RUN_PREFIX = os.environ.get("RELAYROUTE_NETNS_PREFIX") or f"rrt{uuid.uuid4().hex[:6]}"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd):
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def run(cmd, check=True, input=None, timeout=60):  # noqa: A002
+    """Run a command (list or string), return CompletedProcess with text output."""
+    argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    proc = subprocess.run(
+        argv, input=input, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}"
+        )
+    return proc
+
+
+def _alive(pid):
+    """True while ``pid`` runs; a zombie counts as gone (it looks alive to kill -0)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+class Netns:
+    """One network namespace of the current run."""
+
+    def __init__(self, short, prefix=RUN_PREFIX):
+        self.short = short
+        self.name = f"{prefix}-{short}"
+        self.procs = []
+        run(["ip", "netns", "add", self.name])
+        self.ip("link set lo up")
+
+    def __repr__(self):
+        return f"Netns({self.name})"
+
+    def exec(self, cmd, check=True, input=None, timeout=60):  # noqa: A002
+        argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+        return run(["ip", "netns", "exec", self.name, *argv], check, input, timeout)
+
+    def ip(self, args, check=True):
+        return run(["ip", "-n", self.name, *shlex.split(args)], check)
+
+    def sysctl(self, key, value):
+        self.exec(["sysctl", "-qw", f"{key}={value}"])
+
+    def popen(self, cmd, **kwargs):
+        """Start a process in the namespace; it is killed at cleanup."""
+        argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+        kwargs.setdefault("stdout", subprocess.DEVNULL)
+        kwargs.setdefault("stderr", subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.name, *argv], start_new_session=True, **kwargs
+        )
+        self.procs.append(proc)
+        return proc
+
+    def track_pid(self, pid):
+        """Track a daemon that forked away from a started process (e.g. a pid file's pid)."""
+        self.procs.append(pid)
+
+    @contextlib.contextmanager
+    def entered(self):
+        """Run the calling thread (and what it spawns) inside this namespace."""
+        back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(os.path.join(NETNS_DIR, self.name), os.O_RDONLY)
+        try:
+            _setns(target)
+            yield self
+        finally:
+            _setns(back)
+            os.close(target)
+            os.close(back)
+
+    def snapshot(self):
+        """The namespace's rules, routes of every table and full ruleset, as text."""
+        parts = {
+            "rules": self.exec("ip -4 rule show").stdout,
+            "routes": self.exec("ip -4 route show table all").stdout,
+            "iptables": _strip_save_comments(self.exec("iptables-save").stdout),
+        }
+        return parts
+
+    def stop_processes(self):
+        for item in reversed(self.procs):
+            pid = item if isinstance(item, int) else item.pid
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM) if not isinstance(item, int) else os.kill(
+                    pid, signal.SIGTERM
+                )
+        deadline = time.monotonic() + 5
+        for item in self.procs:
+            pid = item if isinstance(item, int) else item.pid
+            while _alive(pid) and time.monotonic() < deadline:
+                if not isinstance(item, int):
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        item.wait(timeout=0.1)
+                else:
+                    time.sleep(0.05)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if not isinstance(item, int):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    item.wait(timeout=2)
+        self.procs.clear()
+
+    def delete(self):
+        self.stop_processes()
+        # Anything still running in the namespace was started by this run.
+        pids = run(["ip", "netns", "pids", self.name], check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        run(["ip", "netns", "delete", self.name], check=False)
+
+
+def _strip_save_comments(text):
+    return "\n".join(line for line in text.splitlines() if not line.startswith("#")) + "\n"
+
+
+def veth(a, a_if, b, b_if):
+    """A veth pair between two namespaces, created inside ``a`` (no root-namespace names)."""
+    a.ip(f"link add {a_if} type veth peer name {b_if} netns {b.name}")
+    a.ip(f"link set {a_if} up")
+    b.ip(f"link set {b_if} up")
+
+
+def mac_of(ns, ifname):
+    out = ns.ip(f"-br link show dev {ifname}").stdout.split()
+    return out[2].lower()
+
+
+def leftover_namespaces(prefix=RUN_PREFIX):
+    out = run(["ip", "netns", "list"], check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix + "-")]
