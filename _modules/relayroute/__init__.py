@@ -12,7 +12,7 @@ sub-modules along (the loader imports a directory with ``__init__.py`` and the
 sync copies the whole tree). Each sub-module has one job:
 
 - ``model``: validation of inputs (pure)
-- ``plan``: the routes, rules and chains inputs produce (pure)
+- ``planner``: the routes, rules and chains inputs produce (pure)
 - ``iptables``: the packet-filter backend (one read, one transaction)
 - ``netlink``: rules, routes, neighbours and conntrack through pyroute2
 - ``engine``: read, diff, apply, verify, roll back
@@ -39,8 +39,12 @@ if __name__ not in sys.modules:
     _placeholder.__path__ = __path__
     sys.modules[__name__] = _placeholder
 
-from . import engine, model, netlink  # noqa: E402
-from . import plan as planner  # noqa: E402
+from . import (  # noqa: E402
+    engine,
+    model,
+    netlink,
+    planner,  # noqa: E402
+)
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +255,7 @@ def proxy_apply(
     """
     spec = _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix)
     filter_backend = _backend(backend)
-    return _converge(
-        planner.proxy_plan(spec), filter_backend, _read(filter_backend), test, prefix
-    )
+    return _converge(planner.proxy_plan(spec), filter_backend, _read(filter_backend), test, prefix)
 
 
 def proxy_remove(test=False, backend="iptables"):
@@ -334,7 +336,9 @@ def show(role=None, backend="iptables"):
     for name in roles:
         owner = planner.OWNERS.get(name)
         if owner is None:
-            raise SaltInvocationError(f"role: must be one of {sorted(planner.OWNERS)} (got {name!r})")
+            raise SaltInvocationError(
+                f"role: must be one of {sorted(planner.OWNERS)} (got {name!r})"
+            )
         shown[name] = {
             "rules": [rule.line() for rule in engine.owned_rules(current.kernel, owner)],
             "routes": [route.line() for route in engine.owned_routes(current.kernel, owner)],

@@ -150,11 +150,11 @@ def to_mask(value, errors, path):
 
 def check_mark(mark, mask, errors, path, raw):
     """A mark is non-zero and lies within relayroute's bits of the packet mark."""
-    if mark is None or mask is None:
+    if mark is None:
         return
     if mark == 0:
         errors.add(path, raw, "must not be 0: 0 means 'not marked'")
-    elif mark & ~mask & U32:
+    elif mask is not None and mark & ~mask & U32:
         errors.add(path, raw, f"has bits outside mark_mask {mask:#x}")
 
 

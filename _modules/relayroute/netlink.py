@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import List, Tuple
 
-from .plan import DEFAULT_DST, Route, Rule
+from .planner import DEFAULT_DST, Route, Rule
 
 try:
     from pyroute2 import Conntrack, IPRoute

@@ -34,9 +34,7 @@ def run(cmd, check=True, input=None, timeout=60):  # noqa: A002
         argv, input=input, capture_output=True, text=True, timeout=timeout, check=False
     )
     if check and proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}"
-        )
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
 
 
@@ -103,20 +101,19 @@ class Netns:
 
     def snapshot(self):
         """The namespace's rules, routes of every table and full ruleset, as text."""
-        parts = {
+        return {
             "rules": self.exec("ip -4 rule show").stdout,
             "routes": self.exec("ip -4 route show table all").stdout,
             "iptables": _strip_save_comments(self.exec("iptables-save").stdout),
         }
-        return parts
 
     def stop_processes(self):
         for item in reversed(self.procs):
-            pid = item if isinstance(item, int) else item.pid
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGTERM) if not isinstance(item, int) else os.kill(
-                    pid, signal.SIGTERM
-                )
+                if isinstance(item, int):
+                    os.kill(item, signal.SIGTERM)
+                else:
+                    os.killpg(item.pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
         for item in self.procs:
             pid = item if isinstance(item, int) else item.pid

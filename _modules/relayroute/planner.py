@@ -190,9 +190,7 @@ def proxy_plan(spec, owner=PROXY):
 def policy_route_plan(spec, owner=POLICY):
     """One policy route on its own: a table's default route and the fwmark rule to it."""
     route = Route(table=spec.table, proto=owner.proto, gateway=spec.gateway, origin="table")
-    rule = Rule(
-        spec.priority, spec.fwmark, spec.fwmask, spec.table, owner.proto, origin="priority"
-    )
+    rule = Rule(spec.priority, spec.fwmark, spec.fwmask, spec.table, owner.proto, origin="priority")
     return Plan(owner, (route,), (rule,), ())
 
 

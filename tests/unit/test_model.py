@@ -1,0 +1,123 @@
+"""Validation of a relay's and a proxy's inputs: pure, no root."""
+
+import pytest
+from relayroute import model
+
+GOOD_PROXY = {"address": "192.0.2.2", "mark": 254, "table": 1000254, "priority": 1000}
+
+
+def relay(**over):
+    args = {
+        "lan_networks": ["192.0.2.0/24"],
+        "mark_mask": 0xFF,
+        "proxies": {"master-relay": dict(GOOD_PROXY)},
+    }
+    args.update(over)
+    return model.relay_spec(**args)
+
+
+def errors_of(**over):
+    with pytest.raises(model.InputError) as info:
+        relay(**over)
+    return info.value.errors
+
+
+def test_good_input_normalises():
+    spec = relay(
+        mark_mask="0xff",
+        proxies={"m": {**GOOD_PROXY, "mac": "02:00:C0:00:02:02", "mark": "0xfe"}},
+    )
+    assert spec.mark_mask == 0xFF
+    assert spec.proxies[0].mac == "02:00:c0:00:02:02"
+    assert spec.proxies[0].mark == 0xFE
+    assert spec.lan_networks == ("192.0.2.0/24",)
+
+
+def test_proxies_as_list_with_names():
+    spec = relay(proxies=[{"name": "m", **GOOD_PROXY}])
+    assert spec.proxies[0].name == "m"
+
+
+def test_proxies_sorted_by_priority():
+    spec = relay(
+        proxies={
+            "b": {**GOOD_PROXY, "priority": 1001},
+            "a": {"address": "192.0.2.3", "mark": 250, "table": 1000250, "priority": 999},
+        }
+    )
+    assert [p.name for p in spec.proxies] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("over", "expected"),
+    [
+        ({"lan_networks": []}, "lan_networks: must be a non-empty list"),
+        ({"lan_networks": ["192.0.2.1/24"]}, "lan_networks:0: has host bits set"),
+        ({"lan_networks": ["192.0.2.0/33"]}, "lan_networks:0: is not a valid IPv4 network"),
+        ({"lan_networks": "192.0.2.0/24"}, "lan_networks: must be a non-empty list"),
+        ({"mark_mask": 0}, "mark_mask: must be between 1"),
+        ({"mark_mask": "ff"}, "mark_mask: must be a 32-bit mask"),
+        ({"mark_mask": 2**32}, "mark_mask: must be between 1"),
+        ({"mark_mask": True}, "mark_mask: must be a 32-bit mask"),
+        ({"proxies": {}}, "proxies: must list at least one proxy"),
+        ({"proxies": "master-relay"}, "proxies: must be a mapping"),
+        ({"proxies": {"m": {**GOOD_PROXY, "mark": 0}}}, "proxies:m:mark: must not be 0"),
+        ({"proxies": {"m": {**GOOD_PROXY, "mark": 256}}}, "proxies:m:mark: has bits outside"),
+        ({"proxies": {"m": {**GOOD_PROXY, "table": 254}}}, "reserved 'main' table"),
+        ({"proxies": {"m": {**GOOD_PROXY, "table": 0}}}, "reserved 'unspec' table"),
+        ({"proxies": {"m": {**GOOD_PROXY, "table": 253}}}, "reserved 'default' table"),
+        ({"proxies": {"m": {**GOOD_PROXY, "table": 255}}}, "reserved 'local' table"),
+        ({"proxies": {"m": {**GOOD_PROXY, "priority": 32766}}}, "'lookup main' rule"),
+        ({"proxies": {"m": {**GOOD_PROXY, "priority": 0}}}, "'lookup local' rule"),
+        ({"proxies": {"m": {**GOOD_PROXY, "address": "192.0.2.300"}}}, "not a valid IPv4"),
+        ({"proxies": {"m": {**GOOD_PROXY, "mac": "02:00:c0:00:02"}}}, "is not a MAC address"),
+        ({"proxies": {"m": {**GOOD_PROXY, "mac": "01:00:5e:00:00:01"}}}, "multicast MAC"),
+        ({"proxies": {"m": {**GOOD_PROXY, "colour": "red"}}}, "proxies:m:colour: is not a known"),
+        ({"proxies": {"m": {"address": "192.0.2.2"}}}, "proxies:m:mark: is required"),
+        ({"proxies": {"m": "192.0.2.2"}}, "proxies:m: must be a mapping"),
+    ],
+)
+def test_bad_input_names_key_and_value(over, expected):
+    errors = errors_of(**over)
+    assert any(expected in error for error in errors), errors
+    assert all("(got " in error for error in errors)
+
+
+@pytest.mark.parametrize("attribute", ["mark", "table", "priority", "address", "mac"])
+def test_duplicates_between_proxies_are_refused(attribute):
+    first = {**GOOD_PROXY, "mac": "02:00:00:00:00:01"}
+    second = {
+        "address": "192.0.2.3",
+        "mark": 250,
+        "table": 1000250,
+        "priority": 1001,
+        "mac": "02:00:00:00:00:02",
+    }
+    second[attribute] = first[attribute]
+    errors = errors_of(proxies={"a": first, "b": second})
+    assert any(f"proxies:b:{attribute}" in e and "also the" in e for e in errors), errors
+
+
+def test_all_errors_reported_at_once_with_prefix():
+    with pytest.raises(model.InputError) as info:
+        model.relay_spec(["nope"], 0, {"m": {**GOOD_PROXY, "mark": 0}}, prefix="relayroute")
+    text = str(info.value)
+    assert "relayroute:lan_networks:0" in text
+    assert "relayroute:mark_mask" in text
+    assert "relayroute:proxies:m:mark" in text
+
+
+def test_proxy_spec_defaults_and_errors():
+    spec = model.proxy_spec()
+    assert (spec.divert_mark, spec.divert_table, spec.divert_priority) == (1, 100, 100)
+    with pytest.raises(
+        model.InputError, match="divert_table: is the kernel's reserved 'local' table \\(got 255\\)"
+    ):
+        model.proxy_spec(divert_table=255)
+    with pytest.raises(model.InputError, match="divert_mark: has bits outside"):
+        model.proxy_spec(divert_mark=0x100, mark_mask=0xFF)
+
+
+def test_policy_route_needs_explicit_priority():
+    with pytest.raises(model.InputError, match="priority: is required"):
+        model.policy_route_spec(1000254, "192.0.2.2", 254, 0xFF, None)
