@@ -34,6 +34,9 @@ from salt.exceptions import CommandExecutionError, SaltInvocationError
 # run, and its parent namespace is no package, so the relative imports below
 # would fail. A placeholder carrying __path__ lets Python find the sub-modules;
 # the loader then replaces it with this module.
+# On a reload the loader re-runs each sub-module in place (importlib.reload),
+# so code compares plain data and catches errors by base class, never by
+# class identity across loads.
 if __name__ not in sys.modules:
     _placeholder = types.ModuleType(__name__)
     _placeholder.__path__ = __path__
@@ -69,7 +72,8 @@ def __virtual__():
 
 def _fail(err):
     """Turn an engine error into Salt's exceptions, keeping the cause."""
-    if isinstance(err, model.InputError):
+    # By base class: Salt may reload sub-modules, and classes of two loads differ.
+    if isinstance(err, ValueError):
         return SaltInvocationError(str(err))
     return CommandExecutionError(str(err))
 
@@ -77,14 +81,14 @@ def _fail(err):
 def _relay_spec(lan_networks, mark_mask, proxies, prefix):
     try:
         return model.relay_spec(lan_networks, mark_mask, proxies, prefix=prefix)
-    except model.InputError as err:
+    except ValueError as err:
         raise _fail(err) from err
 
 
 def _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix):
     try:
         return model.proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix)
-    except model.InputError as err:
+    except ValueError as err:
         raise _fail(err) from err
 
 
@@ -134,14 +138,14 @@ def _converge(plan_, filter_backend, current, test, prefix, scope=None):
         return engine.converge(
             plan_, filter_backend, current=current, test=test, prefix=prefix, scope=scope
         )
-    except (model.InputError, engine.ApplyError, RuntimeError) as err:
+    except (ValueError, RuntimeError) as err:
         raise _fail(err) from err
 
 
 def _backend(name):
     try:
         return engine.backend(name)
-    except model.InputError as err:
+    except ValueError as err:
         raise _fail(err) from err
 
 
@@ -287,7 +291,7 @@ def policy_route_apply(table, gateway, fwmark, priority, fwmask=0xFFFFFFFF, test
     """
     try:
         spec = model.policy_route_spec(table, gateway, fwmark, fwmask, priority)
-    except model.InputError as err:
+    except ValueError as err:
         raise _fail(err) from err
     wanted = planner.policy_route_plan(spec)
     filter_backend = _backend("iptables")
@@ -309,7 +313,7 @@ def policy_route_remove(table, gateway, fwmark, priority, fwmask=0xFFFFFFFF, tes
     """
     try:
         spec = model.policy_route_spec(table, gateway, fwmark, fwmask, priority)
-    except model.InputError as err:
+    except ValueError as err:
         raise _fail(err) from err
     scope = planner.plan_scope(planner.policy_route_plan(spec))
     empty = planner.empty_plan(planner.POLICY)

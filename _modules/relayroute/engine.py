@@ -133,12 +133,13 @@ def diff(plan, current, filter_backend, scope=None):
         if have.key not in planned_keys:
             result.after.append(("route_del", have))
 
-    have_plain = [rule.as_rule() for rule in have_rules if not rule.selectors]
+    have_plain = {rule.as_rule().ident for rule in have_rules if not rule.selectors}
+    planned_rules = {rule.ident for rule in plan.rules}
     for rule in plan.rules:
-        if rule not in have_plain:
+        if rule.ident not in have_plain:
             result.before.append(("rule_add", rule))
     for have in have_rules:
-        if have.selectors or have.as_rule() not in plan.rules:
+        if have.selectors or have.as_rule().ident not in planned_rules:
             result.after.append(("rule_del", have.as_rule()))
 
     if scope is None:

@@ -50,6 +50,11 @@ class Route:
     def key(self):
         return (self.table, self.dst, self.kind)
 
+    @property
+    def ident(self):
+        """Everything that makes two routes the same (plain data: safe across module reloads)."""
+        return (self.table, self.proto, self.dst, self.gateway, self.kind, self.dev)
+
     def line(self):
         dst = "default" if self.dst == DEFAULT_DST and self.kind == "unicast" else self.dst
         words = [] if self.kind == "unicast" else [self.kind]
@@ -72,6 +77,11 @@ class Rule:
     table: int
     proto: int
     origin: str = field(default="", compare=False)
+
+    @property
+    def ident(self):
+        """Everything that makes two rules the same (plain data: safe across module reloads)."""
+        return (self.priority, self.fwmark, self.fwmask, self.table, self.proto)
 
     def line(self):
         return (

@@ -1,0 +1,269 @@
+"""
+A real Postfix instance inside a test network namespace.
+
+Each instance has its own configuration, queue and data directories and its own
+log file under a directory the caller owns (e.g. ``tmp_path``), so several
+instances - one per namespace - run side by side on one filesystem. Nothing
+ever leaves the lab: every delivery transport is deferred (messages stay in the
+queue), DNS is off and the only network is the namespaces' own.
+"""
+
+import contextlib
+import os
+import re
+import signal
+import stat
+import time
+from pathlib import Path
+
+from tests.support.netns import _alive
+
+# Every transport a message could be handed to stays deferred: accepted mail
+# sits in the queue until the instance is thrown away.
+DEFER_TRANSPORTS = ("smtp", "relay", "local", "virtual", "lmtp", "error", "retry", "discard")
+
+# The Debian master.cf services, all with chroot "n" (the queue lives in a
+# temp dir that has no chroot setup), plus submission on 587 without TLS/SASL.
+# Placeholder {smtpd} is the list of inet listeners.
+MASTER_CF = """\
+# service type  private unpriv  chroot  wakeup  maxproc command + args
+{smtpd}
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+_CONNECT = re.compile(r"/smtpd\[\d+\]: connect from ([^\s\[]*)\[([^\]]+)\]")
+_QUEUE_SUBDIRS = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
+
+
+class PostfixError(RuntimeError):
+    """Postfix could not be started or stopped."""
+
+
+class PostfixInstance:
+    """One Postfix (``postfix -c DIR``) running inside ``ns``.
+
+    ``base_dir`` is a directory of the caller; the instance uses
+    ``base_dir/postfix-<ns.short>/{etc,spool,data,maillog}``. ``inet_interfaces``
+    are the addresses smtpd listens on (port 25 and, unless ``submission`` is
+    false, 587). Relaying is permitted for ``mynetworks`` only; mail to
+    ``<anyone>@<myhostname>`` is accepted as local mail. ``extra_main`` adds or
+    overrides main.cf parameters.
+    """
+
+    def __init__(
+        self,
+        ns,
+        base_dir,
+        myhostname,
+        inet_interfaces,
+        mynetworks,
+        submission=True,
+        extra_main=None,
+    ):
+        self.ns = ns
+        self.myhostname = myhostname
+        self.inet_interfaces = list(inet_interfaces)
+        self.mynetworks = list(mynetworks)
+        self.submission = submission
+        self.extra_main = dict(extra_main or {})
+        self.root = Path(base_dir) / f"postfix-{ns.short}"
+        self.config_dir = self.root / "etc"
+        self.queue_dir = self.root / "spool"
+        self.data_dir = self.root / "data"
+        self.log_path = self.root / "maillog"
+        self.master_pid = None
+
+    def __repr__(self):
+        return f"PostfixInstance({self.ns.name}, {self.myhostname})"
+
+    # -- configuration -------------------------------------------------
+
+    def main_cf(self):
+        """The main.cf parameters of this instance, as a dict."""
+        params = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(self.queue_dir),
+            "data_directory": str(self.data_dir),
+            "maillog_file": str(self.log_path),
+            "maillog_file_prefixes": str(self.root),
+            "syslog_name": f"postfix-{self.ns.short}",
+            "myhostname": self.myhostname,
+            "mydomain": self.myhostname.split(".", 1)[-1],
+            "myorigin": "$myhostname",
+            "mydestination": "$myhostname, localhost",
+            "mynetworks": " ".join(self.mynetworks),
+            "inet_interfaces": ", ".join(self.inet_interfaces),
+            "inet_protocols": "ipv4",
+            "relay_domains": "",
+            "relayhost": "",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+            "smtpd_banner": "$myhostname ESMTP",
+            # Any local part of $myhostname is accepted (no passwd/alias lookups).
+            "local_recipient_maps": "",
+            "alias_maps": "",
+            "alias_database": "",
+            "biff": "no",
+            "append_dot_mydomain": "no",
+            "readme_directory": "no",
+            "html_directory": "no",
+            # No DNS inside the lab: no PTR lookups, no MX lookups, no delivery.
+            "smtpd_peername_lookup": "no",
+            "smtp_dns_support_level": "disabled",
+            "defer_transports": ", ".join(DEFER_TRANSPORTS),
+        }
+        params.update(self.extra_main)
+        return params
+
+    def master_cf(self):
+        """The master.cf text: smtpd on 25 (and 587) plus the internal services."""
+        smtpd = ["smtp      inet  n       -       n       -       -       smtpd"]
+        if self.submission:
+            smtpd.append("submission inet n       -       n       -       -       smtpd")
+        return MASTER_CF.format(smtpd="\n".join(smtpd))
+
+    def write_config(self):
+        """Create the directories and write main.cf and master.cf."""
+        # The queue directory is root's and must exist (postfix chdir()s into
+        # it); Postfix creates its subdirectories and the data directory
+        # (owned by the postfix user, which it checks) at the first start.
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        self.queue_dir.mkdir(exist_ok=True)
+        main = "".join(f"{key} = {value}\n" for key, value in self.main_cf().items())
+        (self.config_dir / "main.cf").write_text(main)
+        (self.config_dir / "master.cf").write_text(self.master_cf())
+        _allow_traversal(self.root)
+
+    # -- life cycle ----------------------------------------------------
+
+    def postfix(self, *args, check=True, timeout=60):
+        """Run ``postfix -c <config_dir> ARGS`` inside the namespace."""
+        return self.ns.exec(
+            ["postfix", "-c", str(self.config_dir), *args], check=check, timeout=timeout
+        )
+
+    def start(self, timeout=30):
+        """Write the configuration and start the master; return when it runs."""
+        if not (self.config_dir / "main.cf").exists():
+            self.write_config()
+        proc = self.postfix("start", check=False, timeout=timeout)
+        if proc.returncode != 0:
+            raise PostfixError(
+                f"postfix start failed ({proc.returncode}): {proc.stderr.strip()}\n"
+                f"{self.log_text()[-2000:]}"
+            )
+        self.master_pid = self._read_master_pid()
+        self.ns.track_pid(self.master_pid)
+        if not self.running():
+            raise PostfixError(f"Postfix master {self.master_pid} is not running")
+        return self
+
+    def running(self):
+        return self.master_pid is not None and _alive(self.master_pid)
+
+    def stop(self, timeout=10):
+        """``postfix stop``; then make sure the master and all its children are gone."""
+        if self.master_pid is None:
+            return
+        if _alive(self.master_pid):
+            self.postfix("stop", check=False, timeout=timeout + 10)
+        deadline = time.monotonic() + timeout
+        while _group_members(self.master_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # The master leads its own session and process group; kill what is left.
+        for pid in _group_members(self.master_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.master_pid = None
+
+    def _read_master_pid(self):
+        text = (self.queue_dir / "pid" / "master.pid").read_text()
+        return int(text.split()[0])
+
+    # -- observation ---------------------------------------------------
+
+    def log_text(self):
+        """The instance's maillog so far ('' before the first line)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, pattern, timeout=10):
+        """Wait until the maillog matches ``pattern`` (regex); return the match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.log_text())
+            if match or time.monotonic() > deadline:
+                return match
+            time.sleep(0.1)
+
+    def client_ips_seen(self):
+        """Client IPs of smtpd 'connect from host[IP]' lines, in log order."""
+        return [m.group(2) for m in _CONNECT.finditer(self.log_text())]
+
+    def queue_ids(self):
+        """Queue ids of all messages in the queue (all of them: nothing is delivered)."""
+        ids = []
+        for sub in _QUEUE_SUBDIRS:
+            for _dirpath, _dirs, files in os.walk(self.queue_dir / sub):
+                ids.extend(files)
+        return sorted(ids)
+
+    def accepted_count(self):
+        """Number of messages accepted so far (every accepted message stays queued)."""
+        return len(self.queue_ids())
+
+    def postcat(self, queue_id):
+        """The queue file of ``queue_id`` as text (envelope and content)."""
+        return self.ns.exec(["postcat", "-c", str(self.config_dir), "-q", queue_id]).stdout
+
+
+def _allow_traversal(path):
+    """Give "others" search (x) permission on ``path`` and its ancestors.
+
+    The master opens ``data_directory`` files as the postfix user, which must be
+    able to reach them: pytest's ``/tmp/pytest-of-root`` is mode 0700.
+    """
+    for directory in (Path(path), *Path(path).parents):
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+def _group_members(pgid):
+    """Live (non-zombie) processes of process group ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state not in ("Z", "X"):
+            members.append(int(entry))
+    return members
