@@ -1,0 +1,104 @@
+"""
+Traffic on the real kernel: a relay reached both through a stateful default
+gateway and through a proxy that forwards. Replies must leave by the way their
+connection came in, or the stateful firewall (which drops conntrack INVALID
+packets) kills them.
+
+    client 203.0.113.10 (direct)  --+                +-- gw (stateful)  --+
+    client 203.0.113.20 (proxied) --+-- inet router -+                    +-- LAN -- relay
+                                                     +-- proxy (router) --+
+"""
+
+import pytest
+
+from tests.support.netns import mac_of, veth
+from tests.support.tcp import connect, start_server
+
+pytestmark = pytest.mark.root
+
+DIRECT, PROXIED, RELAY = "203.0.113.10", "203.0.113.20", "192.0.2.11"
+
+
+@pytest.fixture
+def net(make_netns):
+    client, inet, gw, proxy, lan, relay = (
+        make_netns(name) for name in ("client", "inet", "gw", "proxy", "lan", "relay")
+    )
+    veth(client, "eth0", inet, "c0")
+    client.ip(f"addr add {DIRECT}/24 dev eth0")
+    client.ip(f"addr add {PROXIED}/24 dev eth0")
+    client.ip("route add default via 203.0.113.1")
+    inet.ip("addr add 203.0.113.1/24 dev c0")
+    veth(inet, "g0", gw, "up0")
+    inet.ip("addr add 198.51.100.1/30 dev g0")
+    gw.ip("addr add 198.51.100.2/30 dev up0")
+    veth(inet, "p0", proxy, "up0")
+    inet.ip("addr add 198.51.100.5/30 dev p0")
+    proxy.ip("addr add 198.51.100.6/30 dev up0")
+    # The internet reaches the relays' LAN through the gateway, except the
+    # proxied client's traffic, which goes through the proxy.
+    inet.ip("route add 192.0.2.0/24 via 198.51.100.2")
+    inet.ip("route add default via 198.51.100.6 table 100")
+    inet.ip(f"rule add priority 100 from {PROXIED} lookup 100")
+    # The LAN: a bridge joining gateway, proxy and relay.
+    lan.ip("link add br0 type bridge")
+    lan.ip("link set br0 up")
+    for host, port in ((gw, "l-gw"), (proxy, "l-px"), (relay, "l-relay")):
+        veth(host, "lan0", lan, port)
+        lan.ip(f"link set {port} master br0")
+    gw.ip("addr add 192.0.2.1/24 dev lan0")
+    proxy.ip("addr add 192.0.2.2/24 dev lan0")
+    relay.ip(f"addr add {RELAY}/24 dev lan0")
+    relay.ip("route add default via 192.0.2.1")
+    for router, uplink in ((gw, "198.51.100.1"), (proxy, "198.51.100.5")):
+        router.sysctl("net.ipv4.ip_forward", 1)
+        router.ip(f"route add default via {uplink}")
+        router.exec("iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP")
+    inet.sysctl("net.ipv4.ip_forward", 1)
+    for host in (gw, proxy, inet):
+        host.sysctl("net.ipv4.conf.all.rp_filter", 0)
+    start_server(relay, RELAY, 25)
+    return {"client": client, "relay": relay, "proxy": proxy, "gw": gw}
+
+
+def proxies(net):
+    return {
+        "master-relay": {
+            "address": "192.0.2.2",
+            "mac": mac_of(net["proxy"], "lan0"),
+            "mark": 254,
+            "table": 1000254,
+            "priority": 1000,
+        }
+    }
+
+
+def test_without_relayroute_the_proxied_path_fails(net):
+    assert connect(net["client"], RELAY, 25, DIRECT) == f"220 hello {DIRECT}"
+    assert connect(net["client"], RELAY, 25, PROXIED, timeout=2) is None
+
+
+def test_without_relayroute_proxy_as_default_breaks_the_direct_path(net):
+    net["relay"].ip("route replace default via 192.0.2.2")
+    assert connect(net["client"], RELAY, 25, PROXIED) == f"220 hello {PROXIED}"
+    assert connect(net["client"], RELAY, 25, DIRECT, timeout=2) is None
+
+
+def test_with_relayroute_both_paths_answer_by_the_way_they_came(loaders, net):
+    relay = net["relay"]
+    with relay.entered():
+        ret = loaders.states.relayroute.relay_present(
+            name="relay", lan_networks=["192.0.2.0/24"], mark_mask=0xFF, proxies=proxies(net)
+        )
+        assert ret.result is True
+    assert connect(net["client"], RELAY, 25, DIRECT) == f"220 hello {DIRECT}"
+    assert connect(net["client"], RELAY, 25, PROXIED) == f"220 hello {PROXIED}"
+    with relay.entered():
+        flows = loaders.modules.relayroute.flows(mark_mask=0xFF, port=25)
+    by_source = {line.split("src=")[1].split()[0]: line for line in flows}
+    assert by_source[DIRECT].endswith("mark=0")
+    assert by_source[PROXIED].endswith("mark=254")
+    # The same view as the seed's `conntrack -L`.
+    listing = relay.exec("conntrack -L -p tcp --dport 25").stdout
+    assert any(f"src={PROXIED}" in line and "mark=254" in line for line in listing.splitlines())
+    assert any(f"src={DIRECT}" in line and "mark=0" in line for line in listing.splitlines())

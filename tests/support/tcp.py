@@ -1,0 +1,52 @@
+"""A tiny TCP service and client run inside namespaces, for traffic tests."""
+
+import textwrap
+
+SERVER = textwrap.dedent(
+    """
+    import socket, sys
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((sys.argv[1], int(sys.argv[2])))
+    srv.listen(64)
+    print("ready", flush=True)
+    while True:
+        conn, peer = srv.accept()
+        conn.sendall(b"220 hello " + peer[0].encode() + b"\\r\\n")
+        conn.close()
+    """
+)
+
+CLIENT = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket()
+    s.settimeout(float(sys.argv[4]))
+    s.bind((sys.argv[3], 0))
+    try:
+        s.connect((sys.argv[1], int(sys.argv[2])))
+        print(s.recv(200).decode().strip())
+    except OSError as err:
+        print("FAIL", err)
+        sys.exit(1)
+    """
+)
+
+
+def start_server(ns, address, port):
+    """Start the banner server in ``ns``; returns once it listens."""
+    proc = ns.popen(["python3", "-u", "-c", SERVER, address, str(port)], stdout=-1, text=True)
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        raise RuntimeError(f"tcp server in {ns.name} did not start: {line!r}")
+    return proc
+
+
+def connect(ns, address, port, source, timeout=3.0):
+    """Connect from ``source`` in ``ns``; the banner on success, None on failure."""
+    proc = ns.exec(
+        ["python3", "-c", CLIENT, address, str(port), source, str(timeout)],
+        check=False,
+        timeout=timeout + 10,
+    )
+    return proc.stdout.strip() if proc.returncode == 0 else None
