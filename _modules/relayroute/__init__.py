@@ -42,12 +42,7 @@ if __name__ not in sys.modules:
     _placeholder.__path__ = __path__
     sys.modules[__name__] = _placeholder
 
-from . import (  # noqa: E402
-    engine,
-    model,
-    netlink,
-    planner,  # noqa: E402
-)
+from . import engine, model, netlink, planner, topology  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +149,25 @@ def _read(filter_backend):
         return engine.read(filter_backend)
     except RuntimeError as err:
         raise _fail(err) from err
+
+
+def validate_topology(config, minion_id=None):
+    """
+    Validate the whole ``relayroute`` pillar (the topology of every proxy and
+    relay) and return ``{"errors": [...], "relay": {...}, "proxy": {...}}``:
+    the errors, each naming the pillar key path and value, or the arguments
+    of the relay states and of this minion's proxy states. Pure: reads
+    nothing from the host; the formula's ``map.jinja`` calls it before any
+    state runs.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.validate_topology \\
+            "$(salt-call --out=json pillar.get relayroute)" minion_id=relay1
+    """
+    return topology.topology(config, minion_id)
 
 
 def plan(lan_networks, mark_mask, proxies, backend="iptables"):

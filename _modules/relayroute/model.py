@@ -68,7 +68,8 @@ class _Errors:
         self.items.append(f"{self.path(path)}: {problem} (got {value!r})")
 
     def path(self, path):
-        return f"{self.prefix}:{path}" if self.prefix else str(path)
+        path = str(path).strip(":")
+        return ":".join(part for part in (self.prefix, path) if part)
 
     def raise_if_any(self):
         if self.items:

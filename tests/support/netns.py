@@ -142,7 +142,27 @@ class Netns:
 
 
 def _strip_save_comments(text):
-    return "\n".join(line for line in text.splitlines() if not line.startswith("#")) + "\n"
+    """
+    iptables-save output without its timestamp comments, and without tables
+    that hold nothing (only built-in chains with ACCEPT policy, no rules): the
+    first iptables command creates such a table, and it filters nothing.
+    """
+    tables, current = [], None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            current = [line]
+            tables.append(current)
+        elif current is not None:
+            current.append(line)
+    kept = []
+    for table in tables:
+        body = table[1:-1]
+        # Built-in chains read ":NAME ACCEPT [0:0]"; user chains ":NAME - [0:0]".
+        if not all(line.startswith(":") and " ACCEPT " in line for line in body):
+            kept.extend(table)
+    return "\n".join(kept) + "\n"
 
 
 def veth(a, a_if, b, b_if):

@@ -1,0 +1,69 @@
+# -*- coding: utf-8 -*-
+# vim: ft=sls
+# A master-relay: HAProxy in transparent mode in front of the relays.
+{%- set tplroot = tpldir.split('/')[0] %}
+{%- from tplroot ~ "/map.jinja" import relayroute with context %}
+{%- from tplroot ~ "/invalid.jinja" import invalid with context %}
+{%- set proxy = relayroute.proxy %}
+{%- set haproxy = relayroute.config.proxy.haproxy %}
+
+{%- if relayroute.errors %}
+{{ invalid('relayroute-proxy-invalid-pillar', relayroute.errors) }}
+{%- elif not proxy %}
+{{ invalid('relayroute-proxy-not-in-pillar',
+           ['relayroute:proxies: has no entry for this minion id ' ~ grains['id']]) }}
+{%- else %}
+
+{%-   for key, value in proxy.sysctls | dictsort %}
+relayroute-proxy-sysctl-{{ key }}:
+  sysctl.present:
+    - name: {{ key }}
+    - value: {{ value }}
+    - config: {{ relayroute.config.proxy.sysctl_config }}
+{%-   endfor %}
+
+relayroute-proxy-tproxy-divert:
+  relayroute.proxy_present:
+    - divert_mark: {{ proxy.divert_mark }}
+    - divert_table: {{ proxy.divert_table }}
+    - divert_priority: {{ proxy.divert_priority }}
+    - mark_mask: {{ proxy.mark_mask }}
+    - backend: {{ relayroute.config.backend }}
+    - prefix: relayroute:proxy
+
+{%-   if haproxy.manage_pkg %}
+
+relayroute-proxy-haproxy-pkg:
+  pkg.installed:
+    - name: {{ haproxy.pkg }}
+    - require_in:
+      - file: relayroute-proxy-haproxy-config
+{%-   endif %}
+
+relayroute-proxy-haproxy-config:
+  file.managed:
+    - name: {{ haproxy.config }}
+    - source: salt://{{ tplroot }}/proxy/files/haproxy.cfg.jinja
+    - template: jinja
+    - mode: '0644'
+    - makedirs: true
+    # HAProxy validates the new file before it replaces the running one.
+    - check_cmd: {{ haproxy.binary }} -c -f
+    - context:
+        proxy: {{ proxy | json }}
+        haproxy: {{ haproxy | json }}
+
+{%-   if haproxy.manage_service %}
+
+relayroute-proxy-haproxy-service:
+  service.running:
+    - name: {{ haproxy.service }}
+    - enable: true
+    # Reload, never restart: sessions in flight survive a configuration change.
+    - reload: true
+    - watch:
+      - file: relayroute-proxy-haproxy-config
+    - require:
+      - relayroute: relayroute-proxy-tproxy-divert
+{%-   endif %}
+{%- endif %}

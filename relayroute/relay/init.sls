@@ -1,0 +1,19 @@
+# -*- coding: utf-8 -*-
+# vim: ft=sls
+# A relay: answer each connection through the gateway it came in by.
+{%- set tplroot = tpldir.split('/')[0] %}
+{%- from tplroot ~ "/map.jinja" import relayroute with context %}
+{%- from tplroot ~ "/invalid.jinja" import invalid with context %}
+
+{%- if relayroute.errors %}
+{{ invalid('relayroute-relay-invalid-pillar', relayroute.errors) }}
+{%- else %}
+
+relayroute-relay-policy-routing:
+  relayroute.relay_present:
+    - lan_networks: {{ relayroute.relay.lan_networks | json }}
+    - mark_mask: {{ relayroute.relay.mark_mask }}
+    - proxies: {{ relayroute.relay.proxies | json }}
+    - backend: {{ relayroute.config.backend }}
+    - prefix: relayroute
+{%- endif %}

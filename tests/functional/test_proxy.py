@@ -1,0 +1,155 @@
+"""
+The proxy role on the real kernel through Salt's loaders: the engine's TPROXY
+divert, then the formula's proxy component (sysctls, divert, HAProxy config
+validated by HAProxy itself).
+"""
+
+import copy
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+MINION = "relayroute-functional"  # the functional minion's id (see conftest)
+
+EXPECTED_MANGLE = [
+    "-A PREROUTING -j RELAYROUTE-PROXY-PRE",
+    "-A RELAYROUTE-PROXY-DIVERT -j MARK --set-xmark 0x1/0xff",
+    "-A RELAYROUTE-PROXY-DIVERT -j ACCEPT",
+    "-A RELAYROUTE-PROXY-PRE -p tcp -m socket --transparent -j RELAYROUTE-PROXY-DIVERT",
+]
+
+
+def mangle_rules(ns):
+    out = ns.exec("iptables-save -t mangle").stdout
+    return [line for line in out.splitlines() if line.startswith("-A")]
+
+
+@pytest.fixture
+def proxy_ns(make_netns):
+    from tests.support.netns import veth
+
+    proxy = make_netns("proxy")
+    lan = make_netns("lan")
+    veth(proxy, "eth0", lan, "eth0")
+    proxy.ip("addr add 192.0.2.2/24 dev eth0")
+    lan.ip("addr add 192.0.2.11/24 dev eth0")
+    return proxy
+
+
+def test_divert_applies_exactly_and_is_idempotent(loaders, proxy_ns):
+    with proxy_ns.entered():
+        before = proxy_ns.snapshot()
+        dry = loaders.states.relayroute.proxy_present(name="p", test=True)
+        assert dry.result is None
+        assert proxy_ns.snapshot() == before
+        first = loaders.states.relayroute.proxy_present(name="p")
+        assert first.result is True
+        assert first.changes["routes"]["new"] == ["local 0.0.0.0/0 dev lo table 100 proto 211"]
+        assert loaders.states.relayroute.proxy_present(name="p").changes == {}
+    assert "100:\tfrom all fwmark 0x1/0xff lookup 100 proto 211" in proxy_ns.exec("ip rule").stdout
+    table = proxy_ns.exec("ip route show table 100").stdout.strip()
+    assert table == "local default dev lo proto 211 scope host"
+    assert mangle_rules(proxy_ns) == EXPECTED_MANGLE
+    with proxy_ns.entered():
+        gone = loaders.states.relayroute.proxy_absent(name="p")
+    assert gone.result is True
+    assert proxy_ns.snapshot() == before
+
+
+def pillar(tmp_path, **proxy_role):
+    haproxy = {
+        "config": str(tmp_path / "haproxy" / "haproxy.cfg"),
+        "manage_pkg": False,
+        "manage_service": False,
+        "stats_socket": "",
+        "chroot": "",
+    }
+    haproxy.update(proxy_role.pop("haproxy", {}))
+    return {
+        "relayroute": {
+            "lan_networks": ["192.0.2.0/24"],
+            "mark_mask": 0xFF,
+            "ports": [25, 587],
+            "proxies": {
+                MINION: {
+                    "address": "192.0.2.2",
+                    "mac": "02:00:c0:00:02:02",
+                    "mark": 254,
+                    "table": 1000254,
+                    "vip": "198.51.100.25",
+                }
+            },
+            "relays": {"relay1": {"address": "192.0.2.11"}, "relay2": {"address": "192.0.2.12"}},
+            "proxy": {"sysctl_config": str(tmp_path / "sysctl.conf"), **proxy_role},
+            "lookup": {"proxy": {"haproxy": haproxy}},
+        }
+    }
+
+
+def apply_sls(loaders, sls, pillar_data, test=False):
+    ret = loaders.modules.state.sls(sls, pillar=pillar_data, test=test)
+    return {state["__id__"]: state for state in ret.raw.values()}
+
+
+def test_formula_proxy_component(loaders, proxy_ns, tmp_path):
+    data = pillar(tmp_path)
+    with proxy_ns.entered():
+        before = proxy_ns.snapshot()
+        dry = apply_sls(loaders, "relayroute.proxy", data, test=True)
+        assert all(state["result"] in (None, True) for state in dry.values()), [
+            s["name"] for s in dry.values()
+        ]
+        assert proxy_ns.snapshot() == before
+        assert not (tmp_path / "haproxy" / "haproxy.cfg").exists()
+
+        first = apply_sls(loaders, "relayroute.proxy", data)
+        assert all(state["result"] is True for state in first.values()), first
+        assert proxy_ns.exec("sysctl -n net.ipv4.ip_nonlocal_bind").stdout.strip() == "1"
+        assert mangle_rules(proxy_ns) == EXPECTED_MANGLE
+        config = (tmp_path / "haproxy" / "haproxy.cfg").read_text()
+        assert "bind 198.51.100.25:25 transparent" in config
+        assert "bind 198.51.100.25:587 transparent" in config
+        assert "source 0.0.0.0 usesrc clientip" in config
+        assert "server relay2 192.0.2.12:587 check" in config
+        check = proxy_ns.exec(["haproxy", "-c", "-f", str(tmp_path / "haproxy" / "haproxy.cfg")])
+        assert check.returncode == 0
+
+        second = apply_sls(loaders, "relayroute.proxy", data)
+        assert all(state["changes"] == {} for state in second.values()), second
+
+        clean = apply_sls(loaders, "relayroute.proxy.clean", data)
+        assert all(state["result"] is True for state in clean.values()), clean
+        after = proxy_ns.snapshot()
+    assert after == before
+
+
+def test_invalid_haproxy_description_keeps_the_previous_file(loaders, proxy_ns, tmp_path):
+    good = pillar(tmp_path)
+    bad = copy.deepcopy(good)
+    bad["relayroute"]["lookup"]["proxy"]["haproxy"]["timeouts"] = {"connect": "5 parsecs"}
+    with proxy_ns.entered():
+        apply_sls(loaders, "relayroute.proxy", good)
+        path = tmp_path / "haproxy" / "haproxy.cfg"
+        previous = path.read_text()
+        states = apply_sls(loaders, "relayroute.proxy", bad)
+        loaders.modules.relayroute.proxy_remove()
+    config_state = states["relayroute-proxy-haproxy-config"]
+    assert config_state["result"] is False
+    assert "parsecs" in config_state["comment"] or "timeout" in config_state["comment"]
+    assert path.read_text() == previous
+
+
+def test_tcp_tw_recycle_is_refused_and_nothing_changes(loaders, proxy_ns, tmp_path):
+    data = pillar(tmp_path, sysctls={"net.ipv4.tcp_tw_recycle": 1})
+    with proxy_ns.entered():
+        before = proxy_ns.snapshot()
+        states = apply_sls(loaders, "relayroute.proxy", data)
+        assert proxy_ns.snapshot() == before
+    assert list(states) == ["relayroute-proxy-invalid-pillar"]
+    state = states["relayroute-proxy-invalid-pillar"]
+    assert state["result"] is False
+    assert "relayroute:proxy:sysctls:net.ipv4.tcp_tw_recycle: was removed from Linux 4.12" in (
+        state["name"] + state["comment"]
+    )
+    assert not (tmp_path / "haproxy" / "haproxy.cfg").exists()
