@@ -1,18 +1,24 @@
 """
 A real Postfix instance inside a test network namespace.
 
-Each instance has its own configuration, queue and data directories and its own
-log file under a directory the caller owns (e.g. ``tmp_path``), so several
-instances - one per namespace - run side by side on one filesystem. Nothing
+Each instance has its own configuration and queue directories and its own log
+file under a directory the caller owns (e.g. ``tmp_path``) and its own data
+directory, so several instances - one per namespace - run side by side on one
+filesystem. Nothing
 ever leaves the lab: every delivery transport is deferred (messages stay in the
 queue), DNS is off and the only network is the namespaces' own.
 """
 
+import atexit
 import contextlib
 import os
+import pty
 import re
+import select
+import shutil
 import signal
-import stat
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +60,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 _CONNECT = re.compile(r"/smtpd\[\d+\]: connect from ([^\s\[]*)\[([^\]]+)\]")
+_DATA_DIRS = set()  # data directories outside base_dir, removed at exit
 _QUEUE_SUBDIRS = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 
 
@@ -64,12 +71,14 @@ class PostfixError(RuntimeError):
 class PostfixInstance:
     """One Postfix (``postfix -c DIR``) running inside ``ns``.
 
-    ``base_dir`` is a directory of the caller; the instance uses
-    ``base_dir/postfix-<ns.short>/{etc,spool,data,maillog}``. ``inet_interfaces``
-    are the addresses smtpd listens on (port 25 and, unless ``submission`` is
-    false, 587). Relaying is permitted for ``mynetworks`` only; mail to
-    ``<anyone>@<myhostname>`` is accepted as local mail. ``extra_main`` adds or
-    overrides main.cf parameters.
+    ``myhostname`` is a fully qualified name (``mydomain`` is the rest after its
+    first label). ``base_dir`` is a directory of the caller; the instance uses
+    ``base_dir/postfix-<ns.short>/{etc,spool,maillog}``, and ``data_dir`` as its
+    data_directory (default ``/tmp/<ns.name>-postfix-data``, removed by ``stop``
+    or at exit). ``inet_interfaces`` are the addresses smtpd listens on (port 25
+    and, unless ``submission`` is false, 587). Relaying is permitted for
+    ``mynetworks`` only; mail to ``<anyone>@<myhostname>`` is accepted as local
+    mail. ``extra_main`` adds or overrides main.cf parameters.
     """
 
     def __init__(
@@ -81,6 +90,7 @@ class PostfixInstance:
         mynetworks,
         submission=True,
         extra_main=None,
+        data_dir=None,
     ):
         self.ns = ns
         self.myhostname = myhostname
@@ -91,7 +101,11 @@ class PostfixInstance:
         self.root = Path(base_dir) / f"postfix-{ns.short}"
         self.config_dir = self.root / "etc"
         self.queue_dir = self.root / "spool"
-        self.data_dir = self.root / "data"
+        # Postfix opens data_directory files (master.lock) as the postfix
+        # user, who cannot traverse pytest's 0700 /tmp/pytest-of-root (and
+        # pytest resets that mode at every session start, so loosening it
+        # breaks as soon as two sessions overlap): keep it outside base_dir.
+        self.data_dir = Path(data_dir or Path(tempfile.gettempdir()) / f"{ns.name}-postfix-data")
         self.log_path = self.root / "maillog"
         self.master_pid = None
 
@@ -151,9 +165,14 @@ class PostfixInstance:
         self.config_dir.mkdir(parents=True, exist_ok=True)
         self.queue_dir.mkdir(exist_ok=True)
         main = "".join(f"{key} = {value}\n" for key, value in self.main_cf().items())
-        (self.config_dir / "main.cf").write_text(main)
-        (self.config_dir / "master.cf").write_text(self.master_cf())
-        _allow_traversal(self.root)
+        past = time.time() - 10
+        for name, text in (("main.cf", main), ("master.cf", self.master_cf())):
+            path = self.config_dir / name
+            path.write_text(text)
+            # Postfix re-reads a main.cf modified in the last second until it
+            # is older (~2 s of sleeping at every start after a rewrite).
+            os.utime(path, (past, past))
+        _DATA_DIRS.add(self.data_dir)
 
     # -- life cycle ----------------------------------------------------
 
@@ -163,15 +182,33 @@ class PostfixInstance:
             ["postfix", "-c", str(self.config_dir), *args], check=check, timeout=timeout
         )
 
+    def check(self, timeout=30):
+        """``postfix -c DIR check``: ``(ok, output)``.
+
+        Run on a pseudo-terminal: Postfix commands print errors to stderr only
+        when it is a tty, and fatal errors raised before logging is set up
+        (e.g. an inet_interfaces address missing) would be lost otherwise.
+        """
+        if not (self.config_dir / "main.cf").exists():
+            self.write_config()
+        argv = ["ip", "netns", "exec", self.ns.name, "postfix", "-c", str(self.config_dir)]
+        returncode, output = _run_on_tty([*argv, "check"], timeout)
+        return returncode == 0, output.strip()
+
     def start(self, timeout=30):
-        """Write the configuration and start the master; return when it runs."""
+        """Start the master (writing the configuration first if there is none yet).
+
+        Returns ``self`` once the master runs; its pid is tracked by the
+        namespace, so it is killed at cleanup even if ``stop`` is never called.
+        """
         if not (self.config_dir / "main.cf").exists():
             self.write_config()
         proc = self.postfix("start", check=False, timeout=timeout)
         if proc.returncode != 0:
+            _ok, diagnosis = self.check()
             raise PostfixError(
                 f"postfix start failed ({proc.returncode}): {proc.stderr.strip()}\n"
-                f"{self.log_text()[-2000:]}"
+                f"postfix check: {diagnosis}\n{self.log_text()[-2000:]}"
             )
         self.master_pid = self._read_master_pid()
         self.ns.track_pid(self.master_pid)
@@ -179,7 +216,12 @@ class PostfixInstance:
             raise PostfixError(f"Postfix master {self.master_pid} is not running")
         return self
 
+    def reload(self):
+        """``postfix reload``: re-read main.cf/master.cf (see ``write_config``)."""
+        self.postfix("reload")
+
     def running(self):
+        """True while the master process runs (a zombie does not count)."""
         return self.master_pid is not None and _alive(self.master_pid)
 
     def stop(self, timeout=10):
@@ -196,6 +238,7 @@ class PostfixInstance:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.master_pid = None
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def _read_master_pid(self):
         text = (self.queue_dir / "pid" / "master.pid").read_text()
@@ -240,16 +283,39 @@ class PostfixInstance:
         return self.ns.exec(["postcat", "-c", str(self.config_dir), "-q", queue_id]).stdout
 
 
-def _allow_traversal(path):
-    """Give "others" search (x) permission on ``path`` and its ancestors.
+def _run_on_tty(argv, timeout):
+    """Run ``argv`` with stdout and stderr on a pty; return (returncode, output)."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    finally:
+        os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 0.2)[0]:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every writer closed its end
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+        if proc.poll() is None and time.monotonic() >= deadline:
+            proc.kill()
+        proc.wait(timeout=10)
+    return proc.returncode, b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
 
-    The master opens ``data_directory`` files as the postfix user, which must be
-    able to reach them: pytest's ``/tmp/pytest-of-root`` is mode 0700.
-    """
-    for directory in (Path(path), *Path(path).parents):
-        mode = directory.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+@atexit.register
+def _remove_data_dirs():
+    # Data directories of instances never stopped (a test that crashed).
+    for path in _DATA_DIRS:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _group_members(pgid):

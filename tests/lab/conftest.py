@@ -1,0 +1,173 @@
+"""
+The lab: the seed's network in namespaces, a real salt-master serving this
+checkout as the formula and a pillar describing the lab, and one real
+salt-minion inside each Salt-managed host's namespace (``ip netns exec NS``),
+with its role in its grains.
+"""
+
+import copy
+
+import attr
+import pytest
+from saltfactories.daemons.minion import SaltMinion
+
+from tests.conftest import ROOT
+from tests.support import seedlab
+from tests.support.postfix import PostfixInstance
+
+pytestmark = [pytest.mark.lab, pytest.mark.root]
+
+
+@attr.s(kw_only=True, slots=True)
+class NetnsSaltMinion(SaltMinion):
+    """A salt-minion started inside a network namespace."""
+
+    netns = attr.ib()
+
+    def cmdline(self, *args):
+        return ["ip", "netns", "exec", self.netns, *super().cmdline(*args)]
+
+
+def lab_pillar(lab):
+    """The seed's topology as relayroute's pillar (documentation ranges only)."""
+    return {
+        "relayroute": {
+            "lan_networks": [seedlab.LAN],
+            "mark_mask": 0xFF,
+            "ports": [25, 587],
+            "proxies": {
+                "master-relay": {
+                    "address": seedlab.PROXY_LAN,
+                    "mark": 254,
+                    "table": 1000254,
+                    "priority": 1000,
+                    "vip": seedlab.VIP,
+                }
+            },
+            "relays": {name: {"address": addr} for name, addr in lab.relay_addresses.items()},
+            "proxy": {"haproxy": {"timeouts": {"client": "30s", "server": "30s"}}},
+            # The lab runs HAProxy itself (no init system in a namespace) and has
+            # no shared /run/haproxy: one stats socket path would collide.
+            "lookup": {
+                "proxy": {
+                    "haproxy": {"manage_pkg": False, "manage_service": False, "stats_socket": ""}
+                }
+            },
+        }
+    }
+
+
+TOP = """\
+base:
+  'roles:relay':
+    - match: grain
+    - relayroute
+  'roles:proxy':
+    - match: grain
+    - relayroute
+"""
+
+
+@pytest.fixture(scope="package")
+def lab():
+    built = seedlab.SeedLab()
+    try:
+        yield built
+    finally:
+        built.teardown()
+
+
+@pytest.fixture(scope="package")
+def state_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lab-state-tree")
+    (root / "top.sls").write_text(TOP)
+    return root
+
+
+@pytest.fixture(scope="package")
+def pillar_tree(tmp_path_factory):
+    return tmp_path_factory.mktemp("lab-pillar-tree")
+
+
+def write_pillar(pillar_tree, data):
+    import yaml
+
+    (pillar_tree / "top.sls").write_text("base:\n  '*':\n    - relayroute\n")
+    (pillar_tree / "relayroute.sls").write_text(yaml.safe_dump(data, default_flow_style=False))
+
+
+@pytest.fixture(scope="package")
+def master(salt_factories, lab, state_tree, pillar_tree):
+    write_pillar(pillar_tree, lab_pillar(lab))
+    factory = salt_factories.salt_master_daemon(
+        "lab-master",
+        overrides={
+            "interface": seedlab.MASTER_ADDRESS,
+            "file_roots": {"base": [str(state_tree), str(ROOT)]},
+            "pillar_roots": {"base": [str(pillar_tree)]},
+            "enable_fqdns_grains": False,
+            "log_level_logfile": "info",
+        },
+    )
+    with factory.started(start_timeout=120):
+        yield factory
+
+
+@pytest.fixture(scope="package")
+def minions(master, lab):
+    roles = {"master-relay": ["proxy"], **{name: ["relay"] for name in lab.relay_addresses}}
+    started = {}
+    factories = {}
+    for name, role in roles.items():
+        factories[name] = master.salt_minion_daemon(
+            name,
+            overrides={
+                "master": seedlab.MASTER_ADDRESS,
+                "grains": {"roles": role},
+                "enable_fqdns_grains": False,
+                "grains_cache": True,
+                "log_level_logfile": "info",
+            },
+            factory_class=NetnsSaltMinion,
+            netns=lab.ns(name).name,
+        )
+    try:
+        for name, factory in factories.items():
+            factory.start(start_timeout=120)
+            started[name] = factory
+        yield started
+    finally:
+        for factory in started.values():
+            factory.terminate()
+
+
+@pytest.fixture(scope="package")
+def salt_cli(master):
+    return master.salt_cli(timeout=180)
+
+
+@pytest.fixture(scope="package")
+def relays_postfix(lab, tmp_path_factory):
+    """Real Postfix on 25 and 587 in every relay; mynetworks is the LAN and 203.0.113.0/28."""
+    base = tmp_path_factory.mktemp("postfix")
+    instances = {}
+    try:
+        for name, address in lab.relay_addresses.items():
+            instance = PostfixInstance(
+                lab.ns(name),
+                base / name,
+                myhostname=f"{name}.lab.example",
+                mynetworks=["127.0.0.0/8", seedlab.LAN, "203.0.113.0/28"],
+                inet_interfaces=[address],
+            )
+            instance.start()
+            instances[name] = instance
+        yield instances
+    finally:
+        for instance in instances.values():
+            instance.stop()
+
+
+@pytest.fixture
+def pillar_data(lab):
+    return copy.deepcopy(lab_pillar(lab))

@@ -1,0 +1,147 @@
+"""
+A real HAProxy inside a test network namespace.
+
+HAProxy runs in master-worker mode in the foreground (``haproxy -W -db -f CFG``)
+as a process tracked by the namespace, so it is killed at cleanup even when a
+test fails. The master keeps its pid across reloads (SIGUSR2 re-executes it),
+the workers are its children: a new worker pid after a reload means the new
+configuration is live.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support.netns import _alive
+
+
+class HAProxyError(RuntimeError):
+    """HAProxy did not start, reload or stop as asked."""
+
+
+def check(cfg_path, ns=None):
+    """Validate a configuration with ``haproxy -c -f``; return ``(ok, output)``.
+
+    With ``ns`` the check runs inside that namespace (addresses to bind exist there).
+    """
+    argv = ["haproxy", "-c", "-f", str(cfg_path)]
+    if ns is not None:
+        proc = ns.exec(argv, check=False)
+    else:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
+
+
+class HAProxyProcess:
+    """``haproxy -W -db -f cfg_path`` running in ``ns``.
+
+    Its stdout and stderr (alerts, warnings, worker exits) go to ``log_path``,
+    by default ``<cfg_path>.log``.
+    """
+
+    def __init__(self, ns, cfg_path, log_path=None):
+        self.ns = ns
+        self.cfg_path = Path(cfg_path)
+        self.log_path = Path(log_path) if log_path else self.cfg_path.with_suffix(".log")
+        self.proc = None
+
+    def __repr__(self):
+        return f"HAProxyProcess({self.ns.name}, {self.cfg_path})"
+
+    def check(self):
+        """Validate this instance's configuration in its namespace: ``(ok, output)``."""
+        return check(self.cfg_path, self.ns)
+
+    @property
+    def pid(self):
+        """The master's pid (None before start)."""
+        return self.proc.pid if self.proc else None
+
+    def start(self, timeout=10):
+        """Start the master; return once a worker runs (listeners are bound then)."""
+        with open(self.log_path, "ab") as log:
+            self.proc = self.ns.popen(
+                ["haproxy", "-W", "-db", "-f", str(self.cfg_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if not self._wait_for(lambda: self.workers(), timeout):
+            self.stop()
+            raise HAProxyError(f"haproxy did not start a worker:\n{self.output()}")
+        return self
+
+    def running(self):
+        return self.proc is not None and _alive(self.proc.pid)
+
+    def workers(self):
+        """Pids of the master's live worker processes."""
+        if not self.running():
+            return []
+        return _children(self.proc.pid)
+
+    def reload(self, timeout=10):
+        """Check the configuration, then SIGUSR2 the master; return the new workers.
+
+        Raises HAProxyError if the configuration is invalid or no new worker
+        appears (the old workers keep serving in that case).
+        """
+        ok, output = self.check()
+        if not ok:
+            raise HAProxyError(f"configuration rejected, not reloading:\n{output}")
+        old = set(self.workers())
+        os.kill(self.proc.pid, signal.SIGUSR2)
+        if not self._wait_for(lambda: set(self.workers()) - old, timeout):
+            raise HAProxyError(f"no new worker after reload:\n{self.output()}")
+        return sorted(set(self.workers()) - old)
+
+    def stop(self, timeout=10):
+        """SIGTERM the master (it stops the workers), SIGKILL what is left after ``timeout``."""
+        if self.proc is None:
+            return
+        pids = [self.proc.pid, *_children(self.proc.pid)]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=timeout)
+        for pid in pids:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=2)
+
+    def output(self):
+        """What HAProxy wrote to stdout/stderr so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _wait_for(self, condition, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            if not self.running():
+                return False
+            time.sleep(0.05)
+        return bool(condition())
+
+
+def _children(ppid):
+    """Live (non-zombie) child processes of ``ppid``."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == ppid and fields[0] not in ("Z", "X"):
+            children.append(int(entry))
+    return sorted(children)

@@ -1,0 +1,137 @@
+"""
+The seed's network in namespaces.
+
+    client (203.0.113.10 mail client via the VIP, 203.0.113.20 external MTA)
+      |
+    inet router 203.0.113.1 --- gw (stateful firewall: drops conntrack INVALID)
+      |                          |
+      +--- master-relay ---------+--- LAN bridge 192.0.2.0/24 --- relay1..3
+           VIP 198.51.100.25          gw .1, master-relay .2, relays .11-.13
+
+Salt's hosts (master-relay, relays) also get a management link to the
+salt-master in the root namespace: a veth whose root end carries
+198.51.100.129/32 and whose namespace end a /32 of its own, with one host route
+each way. No default route, no other traffic: the lab's mail flows only on the
+lab's own networks.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from tests.support.netns import RUN_PREFIX, Netns, mac_of, run, veth
+
+MAIL_CLIENT = "203.0.113.10"
+EXTERNAL_MTA = "203.0.113.20"
+VIP = "198.51.100.25"
+LAN = "192.0.2.0/24"
+GATEWAY = "192.0.2.1"
+PROXY_LAN = "192.0.2.2"
+RELAYS = {"relay1": "192.0.2.11", "relay2": "192.0.2.12", "relay3": "192.0.2.13"}
+MASTER_ADDRESS = "198.51.100.129"
+NETNS_ETC = Path("/etc/netns")
+
+
+class SeedLab:
+    """Builds the namespaces; ``teardown`` removes them and their /etc/netns overlays."""
+
+    def __init__(self, relays=RELAYS):
+        self.relay_addresses = dict(relays)
+        self.hosts = {}
+        self._mgmt_index = 0
+        self.mgmt = {}
+        try:
+            self._build()
+        except Exception:
+            self.teardown()
+            raise
+
+    def host(self, short):
+        ns = Netns(f"seed-{short}")
+        self.hosts[short] = ns
+        # ip netns exec bind-mounts /etc/netns/NS/* over /etc/*: an empty
+        # resolv.conf keeps lookups from waiting on an unreachable resolver, and
+        # each host gets its own /etc/haproxy and /etc/sysctl.d.
+        overlay = NETNS_ETC / ns.name
+        overlay.mkdir(parents=True, exist_ok=True)
+        (overlay / "resolv.conf").write_text("")
+        (overlay / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {short}\n")
+        for sub in ("haproxy", "sysctl.d"):
+            (overlay / sub).mkdir(exist_ok=True)
+        return ns
+
+    def _build(self):
+        client, inet, gw = self.host("client"), self.host("inet"), self.host("gw")
+        proxy, lan = self.host("master-relay"), self.host("lan")
+        relays = {name: self.host(name) for name in self.relay_addresses}
+
+        veth(client, "eth0", inet, "c0")
+        client.ip(f"addr add {MAIL_CLIENT}/24 dev eth0")
+        client.ip(f"addr add {EXTERNAL_MTA}/24 dev eth0")
+        client.ip("route add default via 203.0.113.1")
+        inet.ip("addr add 203.0.113.1/24 dev c0")
+        veth(inet, "g0", gw, "up0")
+        inet.ip("addr add 198.51.100.1/30 dev g0")
+        gw.ip("addr add 198.51.100.2/30 dev up0")
+        veth(inet, "p0", proxy, "up0")
+        inet.ip("addr add 198.51.100.5/30 dev p0")
+        proxy.ip("addr add 198.51.100.6/30 dev up0")
+        proxy.ip(f"addr add {VIP}/32 dev lo")
+        inet.ip(f"route add {LAN} via 198.51.100.2")
+        inet.ip(f"route add {VIP}/32 via 198.51.100.6")
+        inet.sysctl("net.ipv4.ip_forward", 1)
+
+        lan.ip("link add br0 type bridge")
+        lan.ip("link set br0 up")
+        members = [(gw, "l-gw", GATEWAY), (proxy, "l-mr", PROXY_LAN)]
+        members += [(relays[n], f"l-{n}", a) for n, a in self.relay_addresses.items()]
+        for host, port, address in members:
+            veth(host, "lan0", lan, port)
+            lan.ip(f"link set {port} master br0")
+            host.ip(f"addr add {address}/24 dev lan0")
+        gw.ip("route add default via 198.51.100.1")
+        gw.sysctl("net.ipv4.ip_forward", 1)
+        gw.exec("iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP")
+        proxy.ip("route add default via 198.51.100.5")
+        for relay in relays.values():
+            relay.ip(f"route add default via {GATEWAY}")
+        for host in (client, inet, gw, proxy, *relays.values()):
+            host.sysctl("net.ipv4.conf.all.rp_filter", 0)
+            host.sysctl("net.ipv4.conf.default.rp_filter", 0)
+        for name in ("master-relay", *relays):
+            self._management_link(self.hosts[name])
+
+    def _management_link(self, ns):
+        """A /32 link from the root namespace (the salt-master) to one host."""
+        self._mgmt_index += 1
+        address = f"198.51.100.{129 + self._mgmt_index}"
+        root_if = f"{RUN_PREFIX[-6:]}m{self._mgmt_index}"
+        ns.ip(f"link add mgmt0 type veth peer name {root_if} netns 1")
+        ns.ip(f"addr add {address}/32 dev mgmt0")
+        ns.ip("link set mgmt0 up")
+        run(["ip", "addr", "add", f"{MASTER_ADDRESS}/32", "dev", root_if])
+        run(["ip", "link", "set", root_if, "up"])
+        run(["ip", "route", "add", f"{address}/32", "dev", root_if, "src", MASTER_ADDRESS])
+        ns.ip(f"route add {MASTER_ADDRESS}/32 dev mgmt0 src {address}")
+        self.mgmt[ns.name] = (address, root_if)
+
+    def ns(self, short):
+        return self.hosts[short]
+
+    def proxy_mac(self):
+        return mac_of(self.hosts["master-relay"], "lan0")
+
+    def teardown(self):
+        for ns in reversed(list(self.hosts.values())):
+            ns.delete()
+            shutil.rmtree(NETNS_ETC / ns.name, ignore_errors=True)
+        for _address, root_if in self.mgmt.values():
+            # The root end goes with its namespace; this catches a half-built link.
+            run(["ip", "link", "del", root_if], check=False)
+        self.hosts.clear()
+
+
+def overlay_path(ns, path):
+    """Where a host's /etc/<path> lives on the shared filesystem."""
+    rel = os.path.relpath(path, "/etc")
+    return NETNS_ETC / ns.name / rel
