@@ -9,18 +9,16 @@ The modules are synced the way an operator's minion gets them:
 import pytest
 from saltfactories.utils.functional import Loaders
 
-from tests.conftest import ROOT
-
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="session")
-def minion_opts(salt_factories):
+def minion_opts(salt_factories, formula_tree):
     factory = salt_factories.salt_minion_daemon(
         "relayroute-functional",
         overrides={
             "file_client": "local",
-            "file_roots": {"base": [str(ROOT)]},
+            "file_roots": {"base": [str(formula_tree)]},
             "enable_fqdns_grains": False,
             "grains_cache": True,
         },

@@ -11,7 +11,6 @@ import attr
 import pytest
 from saltfactories.daemons.minion import SaltMinion
 
-from tests.conftest import ROOT
 from tests.support import seedlab
 from tests.support.postfix import PostfixInstance
 
@@ -97,13 +96,13 @@ def write_pillar(pillar_tree, data):
 
 
 @pytest.fixture(scope="package")
-def master(salt_factories, lab, state_tree, pillar_tree):
+def master(salt_factories, lab, state_tree, pillar_tree, formula_tree):
     write_pillar(pillar_tree, lab_pillar(lab))
     factory = salt_factories.salt_master_daemon(
         "lab-master",
         overrides={
             "interface": seedlab.MASTER_ADDRESS,
-            "file_roots": {"base": [str(state_tree), str(ROOT)]},
+            "file_roots": {"base": [str(state_tree), str(formula_tree)]},
             "pillar_roots": {"base": [str(pillar_tree)]},
             "enable_fqdns_grains": False,
             "log_level_logfile": "info",
