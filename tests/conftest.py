@@ -57,6 +57,14 @@ def formula_tree(tmp_path_factory):
     return tree
 
 
+def pytest_unconfigure(config):
+    # Salt's log handlers outlive pytest's captured streams; at interpreter exit
+    # they would print "--- Logging error ---" tracebacks for nothing.
+    import logging
+
+    logging.raiseExceptions = False
+
+
 def pytest_sessionfinish(session, exitstatus):
     # Belt and braces: nothing with this run's prefix survives the run.
     for name in netns_support.leftover_namespaces():
