@@ -37,6 +37,7 @@ PROXY_ROLE_KEYS = {
     "divert_priority",
     "sysctls",
     "sysctl_config",
+    "sysctl_saved",
     "haproxy",
 }
 

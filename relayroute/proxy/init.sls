@@ -14,12 +14,29 @@
            ['relayroute:proxies: has no entry for this minion id ' ~ grains['id']]) }}
 {%- else %}
 
+{%-   set saved = {} %}
+{%-   for key in proxy.sysctls %}
+{%-     do saved.update({key: salt['file.read']('/proc/sys/' ~ key.replace('.', '/')) | trim}) %}
+{%-   endfor %}
+
+# What the sysctls were before relayroute set them (written once), for proxy.clean.
+relayroute-proxy-sysctl-saved:
+  file.managed:
+    - name: {{ relayroute.config.proxy.sysctl_saved }}
+    - contents: {{ saved | json | string | yaml_dquote }}
+    - replace: false
+    - makedirs: true
+    - mode: '0600'
+
 {%-   for key, value in proxy.sysctls | dictsort %}
+
 relayroute-proxy-sysctl-{{ key }}:
   sysctl.present:
     - name: {{ key }}
     - value: {{ value }}
     - config: {{ relayroute.config.proxy.sysctl_config }}
+    - require:
+      - file: relayroute-proxy-sysctl-saved
 {%-   endfor %}
 
 relayroute-proxy-tproxy-divert:

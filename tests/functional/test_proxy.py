@@ -81,7 +81,11 @@ def pillar(tmp_path, **proxy_role):
                 }
             },
             "relays": {"relay1": {"address": "192.0.2.11"}, "relay2": {"address": "192.0.2.12"}},
-            "proxy": {"sysctl_config": str(tmp_path / "sysctl.conf"), **proxy_role},
+            "proxy": {
+                "sysctl_config": str(tmp_path / "sysctl.conf"),
+                "sysctl_saved": str(tmp_path / "sysctl-before.yaml"),
+                **proxy_role,
+            },
             "lookup": {"proxy": {"haproxy": haproxy}},
         }
     }
@@ -94,8 +98,10 @@ def apply_sls(loaders, sls, pillar_data, test=False):
 
 def test_formula_proxy_component(loaders, proxy_ns, tmp_path):
     data = pillar(tmp_path)
+    nonlocal_bind = "sysctl -n net.ipv4.ip_nonlocal_bind"
     with proxy_ns.entered():
         before = proxy_ns.snapshot()
+        assert proxy_ns.exec(nonlocal_bind).stdout.strip() == "0"
         dry = apply_sls(loaders, "relayroute.proxy", data, test=True)
         assert all(state["result"] in (None, True) for state in dry.values()), [
             s["name"] for s in dry.values()
@@ -105,7 +111,8 @@ def test_formula_proxy_component(loaders, proxy_ns, tmp_path):
 
         first = apply_sls(loaders, "relayroute.proxy", data)
         assert all(state["result"] is True for state in first.values()), first
-        assert proxy_ns.exec("sysctl -n net.ipv4.ip_nonlocal_bind").stdout.strip() == "1"
+        assert proxy_ns.exec(nonlocal_bind).stdout.strip() == "1"
+        assert "net.ipv4.ip_nonlocal_bind = 1" in (tmp_path / "sysctl.conf").read_text()
         assert mangle_rules(proxy_ns) == EXPECTED_MANGLE
         config = (tmp_path / "haproxy" / "haproxy.cfg").read_text()
         assert "bind 198.51.100.25:25 transparent" in config
@@ -121,7 +128,11 @@ def test_formula_proxy_component(loaders, proxy_ns, tmp_path):
         clean = apply_sls(loaders, "relayroute.proxy.clean", data)
         assert all(state["result"] is True for state in clean.values()), clean
         after = proxy_ns.snapshot()
+        # Clean puts back the value the sysctl had and removes relayroute's files.
+        assert proxy_ns.exec(nonlocal_bind).stdout.strip() == "0"
     assert after == before
+    assert not (tmp_path / "sysctl.conf").exists()
+    assert not (tmp_path / "sysctl-before.yaml").exists()
 
 
 def test_invalid_haproxy_description_keeps_the_previous_file(loaders, proxy_ns, tmp_path):

@@ -47,9 +47,11 @@ def lab_pillar(lab):
             "proxy": {"haproxy": {"timeouts": {"client": "30s", "server": "30s"}}},
             # The lab runs HAProxy itself (no init system in a namespace) and has
             # no shared /run/haproxy: one stats socket path would collide.
+            # Saved sysctls go to a directory each host has of its own (/etc/netns).
             "lookup": {
                 "proxy": {
-                    "haproxy": {"manage_pkg": False, "manage_service": False, "stats_socket": ""}
+                    "haproxy": {"manage_pkg": False, "manage_service": False, "stats_socket": ""},
+                    "sysctl_saved": "/etc/sysctl.d/relayroute-before.yaml",
                 }
             },
         }

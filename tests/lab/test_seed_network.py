@@ -68,6 +68,11 @@ def test_second_highstate_reports_no_changes(applied, salt_cli):
     }
     report("second highstate", [f"{m}: changed {ids or 'nothing'}" for m, ids in changed.items()])
     assert all(not ids for ids in changed.values()), changed
+    # Targeting the role by grain works too, and is just as quiet.
+    by_grain = salt_cli.run("-G", "state.apply", "relayroute", minion_tgt="roles:relay")
+    assert sorted(by_grain.data) == ["relay1", "relay2", "relay3"], by_grain.stdout
+    for minion, states in states_of(by_grain).items():
+        assert all(s["result"] and not s["changes"] for s in states), (minion, states)
 
 
 def test_direct_and_proxied_mail_both_work(applied, lab, relays_postfix, salt_cli):

@@ -1,6 +1,7 @@
 """Validation of a relay's and a proxy's inputs: pure, no root."""
 
 import pytest
+
 from relayroute import model
 
 GOOD_PROXY = {"address": "192.0.2.2", "mark": 254, "table": 1000254, "priority": 1000}
