@@ -144,6 +144,13 @@ def diff(plan, current, filter_backend, scope=None):
 
     if scope is None:
         result.transaction = filter_backend.transaction(plan, current.ruleset)
+        moves = connmark_moves(plan, have_routes, have_rules)
+        result.after[:0] = [("connmark_move", move) for move in moves]
+        if moves:
+            result.changes["connmarks"] = [
+                f"{old:#x}/{old_mask:#x} -> {new:#x}/{new_mask:#x}"
+                for old, old_mask, new, new_mask in moves
+            ]
 
     old_routes = sorted(route.line() for route in have_routes)
     new_routes = sorted(route.line() for route in plan.routes)
@@ -162,6 +169,35 @@ def diff(plan, current, filter_backend, scope=None):
     return result
 
 
+def connmark_moves(plan, have_routes, have_rules):
+    """
+    Connections in flight whose proxy changes mark follow it: when a proxy
+    (known by the gateway of its table) gets a new mark or mask, its
+    connections' connmark moves from the old to the new one, after the new
+    rule and chains are in place and before the old rule goes. Their replies
+    keep leaving through the proxy at every moment.
+
+    Returns ``[(old_mark, old_mask, new_mark, new_mask)]``.
+    """
+    old_gateway = {route.table: route.gateway for route in have_routes if route.gateway}
+    new_gateway = {route.table: route.gateway for route in plan.routes if route.gateway}
+    new_mark = {
+        new_gateway[rule.table]: (rule.fwmark, rule.fwmask)
+        for rule in plan.rules
+        if rule.table in new_gateway
+    }
+    moves = []
+    for have in have_rules:
+        gateway = old_gateway.get(have.table)
+        if gateway not in new_mark:
+            continue
+        mark, mask = new_mark[gateway]
+        move = (have.fwmark, have.fwmask, mark, mask)
+        if (have.fwmark, have.fwmask) != (mark, mask) and move not in moves:
+            moves.append(move)
+    return moves
+
+
 def _undo_ops(done, kernel_before, owner):
     """The netlink operations that reverse ``done`` (in reverse order)."""
     old_routes = {route.key: route for route in owned_routes(kernel_before, owner)}
@@ -176,6 +212,9 @@ def _undo_ops(done, kernel_before, owner):
             undo.append(("rule_del", obj))
         elif verb == "rule_del":
             undo.append(("rule_add", obj))
+        elif verb == "connmark_move":
+            old, old_mask, new, new_mask = obj
+            undo.append(("connmark_move", (new, new_mask, old, old_mask)))
     return undo
 
 

@@ -197,7 +197,9 @@ def run_ops(ops):
     with IPRoute() as ipr:
         for verb, obj in ops:
             try:
-                if verb == "route_replace":
+                if verb == "connmark_move":
+                    move_connmarks(*obj)
+                elif verb == "route_replace":
                     ipr.route("replace", **_route_args(obj, ipr))
                 elif verb == "route_del":
                     ipr.route("del", **_route_args(obj, ipr))
@@ -208,11 +210,34 @@ def run_ops(ops):
                 else:
                     raise ValueError(f"unknown netlink operation {verb!r}")
             except NetlinkError as err:
-                error = NetlinkOpError(f"{verb.replace('_', ' ')} '{obj.line()}': {err}")
+                what = obj.line() if hasattr(obj, "line") else repr(obj)
+                error = NetlinkOpError(f"{verb.replace('_', ' ')} '{what}': {err}")
                 error.done = done
                 raise error from err
             done.append((verb, obj))
     return done
+
+
+def move_connmarks(old_mark, old_mask, new_mark, new_mask):
+    """
+    Give every conntrack entry whose connmark carries ``old_mark`` under
+    ``old_mask`` the connmark ``new_mark`` under ``new_mask`` instead, keeping
+    the bits of other mark users. Entries that end meanwhile are skipped.
+    Returns how many moved.
+    """
+    moved = 0
+    with Conntrack() as ct:
+        entries = list(ct.dump_entries(mark=old_mark, mark_mask=old_mask))
+        for entry in entries:
+            mark = ((entry.mark or 0) & ~(old_mask | new_mask) & 0xFFFFFFFF) | new_mark
+            try:
+                ct.entry("set", tuple_orig=entry.tuple_orig, mark=mark)
+            except NetlinkError as err:
+                if err.code != 2:  # ENOENT: the connection ended meanwhile
+                    raise
+                continue
+            moved += 1
+    return moved
 
 
 def _neighbour_mac(ipr, address):

@@ -12,7 +12,7 @@ packets) kills them.
 import pytest
 
 from tests.support.netns import mac_of, veth
-from tests.support.tcp import connect, start_server
+from tests.support.tcp import HeldSession, connect, start_server
 
 pytestmark = pytest.mark.root
 
@@ -102,3 +102,37 @@ def test_with_relayroute_both_paths_answer_by_the_way_they_came(loaders, net):
     listing = relay.exec("conntrack -L -p tcp --dport 25").stdout
     assert any(f"src={PROXIED}" in line and "mark=254" in line for line in listing.splitlines())
     assert any(f"src={DIRECT}" in line and "mark=0" in line for line in listing.splitlines())
+
+
+def test_mark_change_moves_live_connections_with_their_proxy(loaders, net):
+    """
+    A proxy's mark changes while its connections are open: they follow it to
+    the new mark (their connmark is moved after the new rule is in place and
+    before the old one goes), so their replies keep leaving through the proxy.
+    """
+    relay = net["relay"]
+    args = {"name": "relay", "lan_networks": ["192.0.2.0/24"], "mark_mask": 0xFF}
+    with relay.entered():
+        assert loaders.states.relayroute.relay_present(proxies=proxies(net), **args).result
+    proxied = HeldSession(net["client"], RELAY, 25, PROXIED)
+    direct = HeldSession(net["client"], RELAY, 25, DIRECT)
+    try:
+        assert proxied.banner == f"220 hello {PROXIED}"
+        assert direct.banner == f"220 hello {DIRECT}"
+        changed = proxies(net)
+        changed["master-relay"].update(mark=253, table=1000253)
+        with relay.entered():
+            ret = loaders.states.relayroute.relay_present(proxies=changed, **args)
+            assert ret.result is True
+            assert ret.changes["connmarks"] == ["0xfe/0xff -> 0xfd/0xff"]
+            flows = loaders.modules.relayroute.flows(mark_mask=0xFF, port=25)
+        assert any(f"src={PROXIED}" in f and f.endswith("mark=253") for f in flows), flows
+        assert any(f"src={DIRECT}" in f and f.endswith("mark=0") for f in flows), flows
+        assert relay.exec("ip route show table 1000254").stdout == ""
+        # Both sessions carry on after the change, each on its own path.
+        assert proxied.say("NOOP after the change") == "250 NOOP after the change"
+        assert direct.say("NOOP after the change") == "250 NOOP after the change"
+    finally:
+        proxied.close()
+        direct.close()
+    assert connect(net["client"], RELAY, 25, PROXIED) == f"220 hello {PROXIED}"
