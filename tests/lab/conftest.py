@@ -12,7 +12,9 @@ import pytest
 from saltfactories.daemons.minion import SaltMinion
 
 from tests.support import seedlab
+from tests.support.haproxy import HAProxyProcess
 from tests.support.postfix import PostfixInstance
+from tests.support.seedlab import OUTSIDER, report, states_of
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 
@@ -172,3 +174,41 @@ def relays_postfix(lab, tmp_path_factory):
 @pytest.fixture
 def pillar_data(lab):
     return copy.deepcopy(lab_pillar(lab))
+
+
+@pytest.fixture(scope="package")
+def applied(lab, minions, salt_cli, relays_postfix, tmp_path_factory):
+    """The lab after one highstate, with HAProxy running the rendered configuration."""
+    lab.ns("client").ip(f"addr add {OUTSIDER}/24 dev eth0")
+    first = salt_cli.run("state.highstate", minion_tgt="*", _timeout=300)
+    assert first.returncode == 0, first.stdout
+    results = states_of(first)
+    assert set(results) == {"master-relay", *lab.relay_addresses}, first.stdout
+    for minion, states in results.items():
+        failed = [s for s in states if not s.get("result")]
+        assert not failed, (minion, failed)
+    report(
+        "first highstate",
+        [f"{m}: {sum(bool(s['changes']) for s in st)} states changed" for m, st in results.items()],
+    )
+    log_dir = tmp_path_factory.mktemp("haproxy")
+    haproxy = HAProxyProcess(
+        lab.ns("master-relay"), "/etc/haproxy/haproxy.cfg", log_path=log_dir / "haproxy.log"
+    )
+    haproxy.start()
+    try:
+        yield {"first": results, "haproxy": haproxy}
+    finally:
+        haproxy.stop()
+
+
+@pytest.fixture(scope="package")
+def set_pillar(pillar_tree, salt_cli):
+    """Serve new pillar data and make every minion refresh it."""
+
+    def serve(data):
+        write_pillar(pillar_tree, data)
+        ret = salt_cli.run("saltutil.refresh_pillar", "wait=True", minion_tgt="*")
+        assert ret.returncode == 0, ret.stdout
+
+    return serve

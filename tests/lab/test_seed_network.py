@@ -10,54 +10,12 @@ from collections import Counter
 import pytest
 
 from tests.support import seedlab
-from tests.support.haproxy import HAProxyProcess
+from tests.support.seedlab import OUTSIDER, report, states_of
 from tests.support.smtp import send_mail
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 
-OUTSIDER = "203.0.113.30"  # not in the relays' mynetworks, connects through the VIP
 VIP_SESSIONS = 6  # per port
-
-
-def states_of(ret):
-    """Flatten a highstate return (per minion) into {minion: [state dicts]}."""
-    data = ret.data if isinstance(ret.data, dict) else {}
-    return {
-        minion: list(result.values()) if isinstance(result, dict) else result
-        for minion, result in data.items()
-    }
-
-
-def report(title, lines):
-    print(f"\n=== {title}")
-    for line in lines:
-        print(f"  {line}")
-
-
-@pytest.fixture(scope="module")
-def applied(lab, minions, salt_cli, relays_postfix, tmp_path_factory):
-    """The lab after one highstate, with HAProxy running the rendered configuration."""
-    lab.ns("client").ip(f"addr add {OUTSIDER}/24 dev eth0")
-    first = salt_cli.run("state.highstate", minion_tgt="*", _timeout=300)
-    assert first.returncode == 0, first.stdout
-    results = states_of(first)
-    assert set(results) == {"master-relay", *lab.relay_addresses}, first.stdout
-    for minion, states in results.items():
-        failed = [s for s in states if not s.get("result")]
-        assert not failed, (minion, failed)
-    report(
-        "first highstate",
-        [f"{m}: {sum(bool(s['changes']) for s in st)} states changed" for m, st in results.items()],
-    )
-    log_dir = tmp_path_factory.mktemp("haproxy")
-    haproxy = HAProxyProcess(
-        lab.ns("master-relay"), "/etc/haproxy/haproxy.cfg", log_path=log_dir / "haproxy.log"
-    )
-    haproxy.start()
-    try:
-        yield {"first": results, "haproxy": haproxy}
-    finally:
-        haproxy.stop()
 
 
 def test_second_highstate_reports_no_changes(applied, salt_cli):

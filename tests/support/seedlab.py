@@ -29,6 +29,7 @@ GATEWAY = "192.0.2.1"
 PROXY_LAN = "192.0.2.2"
 RELAYS = {"relay1": "192.0.2.11", "relay2": "192.0.2.12", "relay3": "192.0.2.13"}
 MASTER_ADDRESS = "198.51.100.129"
+OUTSIDER = "203.0.113.30"  # not in the relays' mynetworks, connects through the VIP
 NETNS_ETC = Path("/etc/netns")
 
 
@@ -135,3 +136,23 @@ def overlay_path(ns, path):
     """Where a host's /etc/<path> lives on the shared filesystem."""
     rel = os.path.relpath(path, "/etc")
     return NETNS_ETC / ns.name / rel
+
+
+def states_of(ret, target=None):
+    """
+    Flatten a state run's return into {minion: [state dicts]}. For a single
+    minion salt-factories unwraps the return, so it is keyed by state instead.
+    """
+    data = ret.data if isinstance(ret.data, dict) else {}
+    if any("_|-" in key for key in data):
+        data = {target or "minion": data}
+    return {
+        minion: list(result.values()) if isinstance(result, dict) else result
+        for minion, result in data.items()
+    }
+
+
+def report(title, lines):
+    print(f"\n=== {title}")
+    for line in lines:
+        print(f"  {line}")
