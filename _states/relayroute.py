@@ -63,7 +63,9 @@ def _run(name, func, what, **kwargs):
     return ret
 
 
-def relay_present(name, lan_networks, mark_mask, proxies, backend="iptables", prefix=""):
+def relay_present(
+    name, lan_networks, mark_mask, proxies, backend="iptables", prefix="", persist_dir=None
+):
     """
     Make this relay answer each connection through the gateway it came in by.
 
@@ -81,6 +83,9 @@ def relay_present(name, lan_networks, mark_mask, proxies, backend="iptables", pr
         Packet-filter backend: ``iptables``.
     prefix
         Key path prepended to input errors, e.g. ``relayroute`` for pillar.
+    persist_dir
+        Keep the boot-time restore script there (``relay.restore``), e.g.
+        ``/etc/relayroute``.
     """
     return _run(
         name,
@@ -91,12 +96,19 @@ def relay_present(name, lan_networks, mark_mask, proxies, backend="iptables", pr
         proxies=proxies,
         backend=backend,
         prefix=prefix,
+        persist_dir=persist_dir,
     )
 
 
-def relay_absent(name, backend="iptables"):
+def relay_absent(name, backend="iptables", persist_dir=None):
     """Remove exactly what relayroute added for the relay role."""
-    return _run(name, "relayroute.relay_remove", "relay reply routing", backend=backend)
+    return _run(
+        name,
+        "relayroute.relay_remove",
+        "relay reply routing",
+        backend=backend,
+        persist_dir=persist_dir,
+    )
 
 
 def proxy_present(
@@ -107,6 +119,7 @@ def proxy_present(
     mark_mask=0xFF,
     backend="iptables",
     prefix="",
+    persist_dir=None,
 ):
     """
     Keep the transparent proxy's divert routing: ``-m socket --transparent``
@@ -123,12 +136,19 @@ def proxy_present(
         mark_mask=mark_mask,
         backend=backend,
         prefix=prefix,
+        persist_dir=persist_dir,
     )
 
 
-def proxy_absent(name, backend="iptables"):
+def proxy_absent(name, backend="iptables", persist_dir=None):
     """Remove exactly what relayroute added for the proxy role."""
-    return _run(name, "relayroute.proxy_remove", "proxy divert routing", backend=backend)
+    return _run(
+        name,
+        "relayroute.proxy_remove",
+        "proxy divert routing",
+        backend=backend,
+        persist_dir=persist_dir,
+    )
 
 
 def policy_route_present(name, table, gateway, fwmark, priority, fwmask=0xFFFFFFFF):

@@ -87,15 +87,18 @@ def _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix):
         raise _fail(err) from err
 
 
-def _with_macs(spec, kernel, prefix, resolve=True):
+def _resolve_proxies(spec, kernel, prefix, resolve=True):
     """
     Check each proxy is a neighbour on a connected network, then fill in MACs
-    not given, from the neighbour table (resolving them when needed).
+    not given, from the neighbour table (resolving them when needed). Returns
+    the spec with MACs and the interfaces proxies are reached on that are not
+    the main default route's (reverse-path filtering must see marks there).
     """
     import ipaddress  # pylint: disable=import-outside-toplevel
 
     errors = []
     proxies = []
+    interfaces = set()
     base = f"{prefix}:proxies" if prefix else "proxies"
     for proxy in spec.proxies:
         address = ipaddress.IPv4Address(proxy.address)
@@ -111,6 +114,9 @@ def _with_macs(spec, kernel, prefix, resolve=True):
                 f"{sorted(set(kernel.networks))} (got {proxy.address!r})"
             )
             continue
+        for net, ifname in kernel.network_interfaces:
+            if address in ipaddress.IPv4Network(net) and ifname != kernel.default_interface:
+                interfaces.add(ifname)
         mac = proxy.mac
         if not mac:
             mac = netlink.lookup_mac(proxy.address, resolve=resolve)
@@ -125,15 +131,30 @@ def _with_macs(spec, kernel, prefix, resolve=True):
         proxies.append(dataclasses.replace(proxy, mac=mac))
     if errors:
         raise SaltInvocationError("; ".join(errors))
-    return dataclasses.replace(spec, proxies=tuple(proxies))
+    if not kernel.default_interface:
+        interfaces = set()
+    return dataclasses.replace(spec, proxies=tuple(proxies)), sorted(interfaces)
 
 
-def _converge(plan_, filter_backend, current, test, prefix, scope=None):
+def _converge(plan_, filter_backend, test, prefix="", scope=None, persist_dir=None, kernel=None):
     try:
         return engine.converge(
-            plan_, filter_backend, current=current, test=test, prefix=prefix, scope=scope
+            plan_,
+            filter_backend,
+            test=test,
+            prefix=prefix,
+            scope=scope,
+            persist_dir=persist_dir or None,
+            kernel=kernel,
         )
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, OSError) as err:
+        raise _fail(err) from err
+
+
+def _kernel():
+    try:
+        return netlink.read()
+    except RuntimeError as err:
         raise _fail(err) from err
 
 
@@ -204,7 +225,15 @@ def plan(lan_networks, mark_mask, proxies, backend="iptables"):
     return {**relay.lines(), filter_backend.NAME: filter_backend.desired_lines(relay)}
 
 
-def relay_apply(lan_networks, mark_mask, proxies, test=False, backend="iptables", prefix=""):
+def relay_apply(
+    lan_networks,
+    mark_mask,
+    proxies,
+    test=False,
+    backend="iptables",
+    prefix="",
+    persist_dir=None,
+):
     """
     Put a relay's reply routing in place: per proxy a table whose default
     route is the proxy and ``ip rule fwmark MARK/MASK lookup TABLE``, and the
@@ -215,10 +244,18 @@ def relay_apply(lan_networks, mark_mask, proxies, test=False, backend="iptables"
     Bad input or a conflict with another tool's rules or tables raises before
     anything changes; a failure while applying is rolled back.
 
+    When a proxy is reached on another interface than the main default
+    route's, that interface gets ``src_valid_mark = 1`` so strict reverse-path
+    filtering checks proxied packets against the proxy's table.
+
     test
         Only report what would change.
     prefix
         Key path prepended to input errors (``relayroute`` for pillar).
+    persist_dir
+        Keep the boot-time restore script (``relay.restore``) and the values
+        of kernel parameters before relayroute changed them here, e.g.
+        ``/etc/relayroute``; the ``relayroute-relay`` systemd unit runs it.
 
     CLI Example:
 
@@ -229,15 +266,18 @@ def relay_apply(lan_networks, mark_mask, proxies, test=False, backend="iptables"
     """
     spec = _relay_spec(lan_networks, mark_mask, proxies, prefix)
     filter_backend = _backend(backend)
-    current = _read(filter_backend)
-    spec = _with_macs(spec, current.kernel, prefix)
-    return _converge(planner.relay_plan(spec), filter_backend, current, test, prefix)
+    kernel = _kernel()
+    spec, interfaces = _resolve_proxies(spec, kernel, prefix)
+    relay = planner.relay_plan(spec, mark_aware_interfaces=interfaces)
+    return _converge(relay, filter_backend, test, prefix, persist_dir=persist_dir, kernel=kernel)
 
 
-def relay_remove(test=False, backend="iptables"):
+def relay_remove(test=False, backend="iptables", persist_dir=None):
     """
     Remove everything relayroute added for the relay role: its mangle chains
-    and jumps, its ip rules and its table routes. Nothing else is touched.
+    and jumps, its ip rules and its table routes; with ``persist_dir``, its
+    restore script, and kernel parameters get their earlier values back.
+    Nothing else is touched.
 
     CLI Example:
 
@@ -247,7 +287,7 @@ def relay_remove(test=False, backend="iptables"):
     """
     filter_backend = _backend(backend)
     empty = planner.empty_plan(planner.RELAY)
-    return _converge(empty, filter_backend, _read(filter_backend), test, "")
+    return _converge(empty, filter_backend, test, persist_dir=persist_dir)
 
 
 def proxy_apply(
@@ -258,6 +298,7 @@ def proxy_apply(
     test=False,
     backend="iptables",
     prefix="",
+    persist_dir=None,
 ):
     """
     Put the transparent proxy's divert routing in place: packets of local
@@ -273,10 +314,12 @@ def proxy_apply(
     """
     spec = _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix)
     filter_backend = _backend(backend)
-    return _converge(planner.proxy_plan(spec), filter_backend, _read(filter_backend), test, prefix)
+    return _converge(
+        planner.proxy_plan(spec), filter_backend, test, prefix, persist_dir=persist_dir
+    )
 
 
-def proxy_remove(test=False, backend="iptables"):
+def proxy_remove(test=False, backend="iptables", persist_dir=None):
     """
     Remove everything relayroute added for the proxy role.
 
@@ -288,7 +331,7 @@ def proxy_remove(test=False, backend="iptables"):
     """
     filter_backend = _backend(backend)
     empty = planner.empty_plan(planner.PROXY)
-    return _converge(empty, filter_backend, _read(filter_backend), test, "")
+    return _converge(empty, filter_backend, test, persist_dir=persist_dir)
 
 
 def policy_route_apply(table, gateway, fwmark, priority, fwmask=0xFFFFFFFF, test=False):
@@ -309,9 +352,7 @@ def policy_route_apply(table, gateway, fwmark, priority, fwmask=0xFFFFFFFF, test
         raise _fail(err) from err
     wanted = planner.policy_route_plan(spec)
     filter_backend = _backend("iptables")
-    return _converge(
-        wanted, filter_backend, _read(filter_backend), test, "", planner.plan_scope(wanted)
-    )
+    return _converge(wanted, filter_backend, test, scope=planner.plan_scope(wanted))
 
 
 def policy_route_remove(table, gateway, fwmark, priority, fwmask=0xFFFFFFFF, test=False):
@@ -332,7 +373,7 @@ def policy_route_remove(table, gateway, fwmark, priority, fwmask=0xFFFFFFFF, tes
     scope = planner.plan_scope(planner.policy_route_plan(spec))
     empty = planner.empty_plan(planner.POLICY)
     filter_backend = _backend("iptables")
-    return _converge(empty, filter_backend, _read(filter_backend), test, "", scope)
+    return _converge(empty, filter_backend, test, scope=scope)
 
 
 def show(role=None, backend="iptables"):

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import iptables, netlink
+from . import iptables, netlink, persist, sysctl
 from .model import InputError
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ class ApplyError(RuntimeError):
 class Current:
     kernel: netlink.KernelState
     ruleset: object  # the backend's ruleset
+    sysctls: dict = field(default_factory=dict)  # values of the keys that matter now
+    memory: dict = field(default_factory=dict)  # persisted: values before relayroute
 
 
 @dataclass
@@ -57,9 +59,15 @@ def backend(name=iptables.NAME):
         raise InputError([f"backend: unknown packet-filter backend (got {name!r})"]) from None
 
 
-def read(filter_backend, kernel=None):
-    """The kernel now: one ruleset read, netlink dumps (reused when given)."""
-    return Current(kernel or netlink.read(), filter_backend.read())
+def read(filter_backend, kernel=None, sysctl_keys=(), memory=None):
+    """
+    The kernel now: one ruleset read, netlink dumps (reused when given), the
+    kernel parameters that matter (the plan's and those relayroute set before,
+    read from /proc/sys), and what relayroute remembered on disk.
+    """
+    memory = memory or {}
+    keys = set(sysctl_keys) | set(memory.get("sysctls_before", {}))
+    return Current(kernel or netlink.read(), filter_backend.read(), sysctl.read(keys), memory)
 
 
 def owned_rules(kernel, owner):
@@ -142,6 +150,8 @@ def diff(plan, current, filter_backend, scope=None):
         if have.selectors or have.as_rule().ident not in planned_rules:
             result.after.append(("rule_del", have.as_rule()))
 
+    _sysctl_diff(plan, current, result)
+
     if scope is None:
         result.transaction = filter_backend.transaction(plan, current.ruleset)
         moves = connmark_moves(plan, have_routes, have_rules)
@@ -167,6 +177,40 @@ def diff(plan, current, filter_backend, scope=None):
             "new": filter_backend.desired_lines(plan),
         }
     return result
+
+
+def _sysctl_diff(plan, current, result):
+    """
+    Kernel parameters: set the plan's (before anything else: routes and rules
+    rely on them); put back the earlier value of those relayroute set before
+    and the plan no longer needs (after everything else).
+    """
+    before = current.memory.get("sysctls_before", {})
+    wanted = {item.key: item.value for item in plan.sysctls}
+    old_lines, new_lines = [], []
+    for key, value in wanted.items():
+        now = current.sysctls.get(key)
+        if now is None:
+            raise InputError([f"{key}: this kernel has no such parameter (got {value!r})"])
+        if now != value:
+            result.before.insert(0, ("sysctl_set", (key, value, now)))
+            old_lines.append(f"{key} = {now}")
+            new_lines.append(f"{key} = {value}")
+    for key, value in sorted(before.items()):
+        now = current.sysctls.get(key)
+        if key not in wanted and now is not None and now != value:
+            result.after.append(("sysctl_set", (key, value, now)))
+            old_lines.append(f"{key} = {now}")
+            new_lines.append(f"{key} = {value}")
+    if old_lines:
+        result.changes["sysctls"] = {"old": old_lines, "new": new_lines}
+
+
+def memory_after(plan, current):
+    """What to remember once ``plan`` is applied: the first-seen value of each parameter."""
+    before = current.memory.get("sysctls_before", {})
+    kept = {item.key: before.get(item.key, current.sysctls.get(item.key)) for item in plan.sysctls}
+    return {"sysctls_before": kept} if kept else {}
 
 
 def connmark_moves(plan, have_routes, have_rules):
@@ -215,6 +259,9 @@ def _undo_ops(done, kernel_before, owner):
         elif verb == "connmark_move":
             old, old_mask, new, new_mask = obj
             undo.append(("connmark_move", (new, new_mask, old, old_mask)))
+        elif verb == "sysctl_set":
+            key, value, previous = obj
+            undo.append(("sysctl_set", (key, previous, value)))
     return undo
 
 
@@ -237,19 +284,41 @@ def _rollback(done_ops, filter_written, current, plan, filter_backend):
     return problems
 
 
-def converge(plan, filter_backend, current=None, test=False, prefix="", scope=None):
+def converge(
+    plan,
+    filter_backend,
+    current=None,
+    test=False,
+    prefix="",
+    scope=None,
+    persist_dir=None,
+    kernel=None,
+):
     """
     Bring the owner's kernel state to ``plan``. Returns ``{"changes": ...}``;
     with ``test`` nothing is touched and the changes are what would be made.
     Raises :class:`InputError` for conflicts with other tools (nothing
     touched) and :class:`ApplyError` when applying fails (rolled back).
+
+    With ``persist_dir``, the boot-time restore script and the remembered
+    earlier values are kept there (see :mod:`persist`). ``kernel``: a netlink
+    dump already made for this run, reused.
     """
-    current = current or read(filter_backend)
+    if current is None:
+        memory = persist.load(persist_dir, plan.owner.role)
+        keys = [item.key for item in plan.sysctls]
+        current = read(filter_backend, kernel, sysctl_keys=keys, memory=memory)
     errors = conflicts(plan, current.kernel, prefix)
     if errors:
         raise InputError(errors)
     todo = diff(plan, current, filter_backend, scope)
-    if not todo or test:
+    saving = _persist_changes(plan, current, filter_backend, persist_dir)
+    if saving:
+        todo.changes["persist"] = saving["changes"]
+    if test or not (todo or saving):
+        return {"changes": todo.changes}
+    if not todo:
+        persist.save(persist_dir, plan.owner.role, saving["script"], saving["memory"])
         return {"changes": todo.changes}
 
     done = []
@@ -274,4 +343,24 @@ def converge(plan, filter_backend, current=None, test=False, prefix="", scope=No
                 f"{err}; rollback incomplete: {'; '.join(problems)}", rolled_back=False
             ) from err
         raise ApplyError(f"{err}; the previous state was restored") from err
+    if saving:
+        persist.save(persist_dir, plan.owner.role, saving["script"], saving["memory"])
     return {"changes": todo.changes}
+
+
+def _persist_changes(plan, current, filter_backend, persist_dir):
+    """What to write to ``persist_dir`` for ``plan``, or None when it is already there."""
+    if not persist_dir:
+        return None
+    role = plan.owner.role
+    script = persist.restore_script(plan, filter_backend)
+    memory = memory_after(plan, current)
+    on_disk = persist.read_script(persist_dir, role)
+    if script == on_disk and memory == current.memory:
+        return None
+    path, _state = persist.paths(persist_dir, role)
+    if script is None:
+        change = {"old": path, "new": None}
+    else:
+        change = {"old": path if on_disk else None, "new": path}
+    return {"script": script, "memory": memory, "changes": change}

@@ -190,6 +190,27 @@ def transaction_to(want_chains, want_jumps, ruleset, prefix):
     return "\n".join([f"*{TABLE}", *body, "COMMIT", ""])
 
 
+def restore_commands(plan):
+    """
+    Shell lines that put the plan's chains in place at boot: one transaction
+    for the chains, then each jump unless it is already there.
+    """
+    chains, jumps = desired(plan)
+    if not chains:
+        return []
+    lines = ["iptables-restore --noflush <<'RULES'", f"*{TABLE}"]
+    for name in sorted(chains):
+        lines.append(f":{name} - [0:0]")
+        lines += [f"-A {name} {spec}" for spec in chains[name]]
+    lines += ["COMMIT", "RULES"]
+    for builtin, spec in jumps:
+        lines.append(
+            f"iptables -t {TABLE} -C {builtin} {spec} 2>/dev/null || "
+            f"iptables -t {TABLE} -I {builtin} 1 {spec}"
+        )
+    return lines
+
+
 def _env():
     env = dict(os.environ)
     env["LC_ALL"] = "C"

@@ -234,7 +234,15 @@ def relay_spec(lan_networks, mark_mask, proxies, prefix=""):
     else:
         for index, net in enumerate(lan_networks):
             norm = to_network(net, errors, f"lan_networks:{index}")
-            if norm is not None and norm not in nets:
+            if norm is not None and norm.endswith("/0"):
+                # '-s 0.0.0.0/0 -j RETURN' would come before every mark rule.
+                errors.add(
+                    f"lan_networks:{index}",
+                    net,
+                    "covers every address: every client would count as the relays' own "
+                    "and no connection would be marked",
+                )
+            elif norm is not None and norm not in nets:
                 nets.append(norm)
     mask = to_mask(mark_mask, errors, "mark_mask")
 

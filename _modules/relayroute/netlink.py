@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import List, Tuple
 
+from . import sysctl
 from .planner import DEFAULT_DST, Route, Rule
 
 try:
@@ -71,6 +72,8 @@ class KernelState:
     routes: Tuple[Route, ...]  # IPv4 routes of every table outside local/main/default
     networks: Tuple[str, ...]  # connected IPv4 networks of the host
     addresses: Tuple[str, ...]  # the host's own IPv4 addresses
+    network_interfaces: Tuple[Tuple[str, str], ...] = ()  # (network, interface name)
+    default_interface: str = ""  # the main table's default route's interface
 
 
 _RULE_SELECTORS = {
@@ -148,13 +151,20 @@ def read():
             for msg in ipr.route("dump", family=AF_INET)
             if (msg.get("RTA_TABLE") or msg["table"]) not in (253, 254, 255)
         )
-        networks, addresses = [], []
+        networks, addresses, on = [], [], []
         for msg in ipr.get_addr(family=AF_INET):
             addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
             addresses.append(addr)
             if not addr.startswith("127."):
-                networks.append(str(ipaddress.IPv4Interface(f"{addr}/{msg['prefixlen']}").network))
-    return KernelState(rules, routes, tuple(networks), tuple(addresses))
+                net = str(ipaddress.IPv4Interface(f"{addr}/{msg['prefixlen']}").network)
+                networks.append(net)
+                on.append((net, ifnames.get(msg["index"], "")))
+        default = ""
+        for msg in ipr.get_routes(family=AF_INET, table=254):
+            if not msg["dst_len"] and msg["type"] == RTN_UNICAST and msg.get("RTA_OIF"):
+                default = ifnames.get(msg.get("RTA_OIF"), "")
+                break
+    return KernelState(rules, routes, tuple(networks), tuple(addresses), tuple(on), default)
 
 
 def _route_args(route, ipr):
@@ -199,6 +209,14 @@ def run_ops(ops):
             try:
                 if verb == "connmark_move":
                     move_connmarks(*obj)
+                elif verb == "sysctl_set":
+                    key, value, _previous = obj
+                    try:
+                        sysctl.write(key, value)
+                    except OSError as err:
+                        error = NetlinkOpError(str(err))
+                        error.done = done
+                        raise error from err
                 elif verb == "route_replace":
                     ipr.route("replace", **_route_args(obj, ipr))
                 elif verb == "route_del":

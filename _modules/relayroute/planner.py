@@ -100,11 +100,24 @@ class Chain:
 
 
 @dataclass(frozen=True)
+class Sysctl:
+    """A kernel parameter the plan needs, e.g. ``net.ipv4.conf.eth1.src_valid_mark = 1``."""
+
+    key: str
+    value: str
+    origin: str = field(default="", compare=False)
+
+    def line(self):
+        return f"{self.key} = {self.value}"
+
+
+@dataclass(frozen=True)
 class Plan:
     owner: Owner
     routes: Tuple[Route, ...]
     rules: Tuple[Rule, ...]
     chains: Tuple[Chain, ...]
+    sysctls: Tuple[Sysctl, ...] = ()
 
     def lines(self):
         """Routes and rules as an operator reads them (the filter side is backend-specific)."""
@@ -114,7 +127,7 @@ class Plan:
         }
 
 
-def relay_plan(spec, owner=RELAY):
+def relay_plan(spec, owner=RELAY, mark_aware_interfaces=()):
     """
     The relay's reply routing, as in the seed's answer, for a validated
     :class:`~model.RelaySpec` whose proxies all have a MAC.
@@ -124,6 +137,13 @@ def relay_plan(spec, owner=RELAY):
     per proxy, mark packets whose source MAC is the proxy's; save the mark into
     the connmark. OUT (from OUTPUT): restore the connmark, so locally generated
     replies take the proxy's table.
+
+    ``mark_aware_interfaces``: interfaces a proxy is reached on that are not
+    the main default route's. Strict reverse-path filtering there would drop
+    the proxied traffic (the client's address routes out the other way);
+    ``src_valid_mark = 1`` makes that check use the packet's mark, so it looks
+    the client up in the proxy's table and passes, while the filter stays
+    strict for everything else.
     """
     mask = spec.mark_mask
     missing = [proxy.name for proxy in spec.proxies if not proxy.mac]
@@ -157,7 +177,11 @@ def relay_plan(spec, owner=RELAY):
         Chain("PRE", "prerouting", tuple(pre)),
         Chain("OUT", "output", (("restore_mark", mask),)),
     )
-    return Plan(owner, routes, rules, chains)
+    sysctls = tuple(
+        Sysctl(f"net.ipv4.conf.{name}.src_valid_mark", "1", origin=f"interface {name}")
+        for name in sorted(set(mark_aware_interfaces))
+    )
+    return Plan(owner, routes, rules, chains, sysctls)
 
 
 def proxy_plan(spec, owner=PROXY):

@@ -9,14 +9,19 @@ and the value.
 import ipaddress
 import re
 
-from . import model
+from . import iptables, model
 
-SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$")
+SYSCTL_KEY = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 # Removed from Linux 4.12; setting it fails there and breaks NAT'd clients before.
 FORBIDDEN_SYSCTLS = {
     "net.ipv4.tcp_tw_recycle": "was removed from Linux 4.12 and must never be set; "
     "use net.ipv4.tcp_tw_reuse if you need TIME-WAIT reuse",
 }
+# Packet-filter backends the engine has (engine.BACKENDS; engine itself needs pyroute2).
+BACKENDS = (iptables.NAME,)
+# Values written into configuration files (sysctl drop-in, haproxy.cfg): one line each.
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+INT32 = 2**31 - 1
 TOP_KEYS = {
     "lan_networks",
     "mark_mask",
@@ -40,6 +45,23 @@ PROXY_ROLE_KEYS = {
     "sysctl_saved",
     "haproxy",
 }
+HAPROXY_KEYS = {
+    "pkg",
+    "manage_pkg",
+    "service",
+    "manage_service",
+    "config",
+    "binary",
+    "chroot",
+    "stats_socket",
+    "log",
+    "maxconn",
+    "balance",
+    "timeouts",
+    "check",
+}
+HAPROXY_TIMEOUTS = {"connect", "client", "server", "check", "queue"}
+HAPROXY_CHECK = {"inter", "fall", "rise"}
 
 
 def _unknown(errors, path, mapping, known):
@@ -49,14 +71,19 @@ def _unknown(errors, path, mapping, known):
         )
 
 
-def _ports(value, errors, path):
+def _ports(value, errors, path, allowed=None):
+    """A non-empty list of TCP ports, each once, in order; within ``allowed`` when given."""
     if not isinstance(value, (list, tuple)) or not value:
         errors.add(path, value, "must be a non-empty list of TCP ports")
         return []
     ports = []
     for index, port in enumerate(value):
         number = model.to_int(port, errors, f"{path}:{index}", 1, 65535, "a TCP port")
-        if number is not None and number not in ports:
+        if number is None:
+            continue
+        if allowed is not None and number not in allowed:
+            errors.add(f"{path}:{index}", port, f"is not one of ports {allowed}")
+        elif number not in ports:
             ports.append(number)
     return ports
 
@@ -68,8 +95,132 @@ def _mapping(value, errors, path, what):
     return value
 
 
+def _line(value, errors, path, what="a string"):
+    """A string written into a configuration file: one line, no control characters."""
+    if not isinstance(value, str):
+        errors.add(path, value, f"must be {what}")
+        return None
+    if CONTROL.search(value):
+        errors.add(path, value, "must be a single line without control characters")
+        return None
+    return value
+
+
+def _word(value, errors, path, what="a non-empty string"):
+    text = _line(value, errors, path, what)
+    if text is not None and not text.strip():
+        errors.add(path, value, f"must be {what}")
+        return None
+    return text
+
+
+def _absolute_path(value, errors, path, optional=False):
+    """An absolute file path; with ``optional``, also '' or None (the feature is off)."""
+    if optional and value in (None, ""):
+        return value
+    text = _line(value, errors, path, "an absolute path")
+    if text is not None and not text.startswith("/"):
+        errors.add(path, value, "must be an absolute path")
+        return None
+    return text
+
+
+def _not_unicast(address):
+    """Why ``address`` (a valid IPv4 address) is no host's unicast address, or None."""
+    ip = ipaddress.IPv4Address(address)
+    if ip.is_unspecified:
+        return "the unspecified address"
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "the limited broadcast address"
+    if ip.is_reserved:
+        return "a reserved (240.0.0.0/4) address"
+    return None
+
+
+def _host_address(value, errors, path):
+    """A host's unicast IPv4 address, normalised; None when invalid (error added)."""
+    address = model.to_ipv4(value, errors, path)
+    if address is None:
+        return None
+    why = _not_unicast(address)
+    if why:
+        errors.add(path, value, f"is {why}, not a host's unicast address")
+        return None
+    return address
+
+
+def _quiet(check, value):
+    """``check(value)`` without reporting: for values whose errors another check reports."""
+    return check(value, model._Errors(), "")
+
+
+def _on_lan(address, lan, errors, path, raw, outside):
+    """``address`` lies on one of the ``lan`` networks and is neither its network nor broadcast."""
+    ip = ipaddress.IPv4Address(address)
+    nets = [net for net in lan if ip in net]
+    if not nets:
+        errors.add(path, raw, outside)
+    for net in nets:
+        if net.prefixlen <= 30 and ip == net.network_address:
+            errors.add(path, raw, f"is the network address of {net}")
+        elif net.prefixlen <= 30 and ip == net.broadcast_address:
+            errors.add(path, raw, f"is the broadcast address of {net}")
+
+
+def _time(value, errors, path):
+    """An HAProxy time: milliseconds as an integer or a string such as 5s (haproxy -c checks it)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            errors.add(path, value, "must not be negative")
+        return
+    _word(value, errors, path, "a time such as 5s")
+
+
+def haproxy(values, errors, path):
+    """Validate HAProxy's settings: known keys, types; values are one line each."""
+    if values is None:
+        return
+    if not isinstance(values, dict):
+        errors.add(path, values, "must be a mapping of HAProxy settings")
+        return
+    _unknown(errors, path, values, HAPROXY_KEYS)
+    for key in ("manage_pkg", "manage_service"):
+        if key in values and not isinstance(values[key], bool):
+            errors.add(f"{path}:{key}", values[key], "must be true or false")
+    for key in ("pkg", "service", "binary", "log", "balance"):
+        if key in values:
+            _word(values[key], errors, f"{path}:{key}")
+    if "config" in values:
+        _absolute_path(values["config"], errors, f"{path}:config")
+    for key in ("chroot", "stats_socket"):
+        if key in values:
+            _absolute_path(values[key], errors, f"{path}:{key}", optional=True)
+    if "maxconn" in values:
+        model.to_int(
+            values["maxconn"], errors, f"{path}:maxconn", 1, INT32, "a number of connections"
+        )
+    for key, known in (("timeouts", HAPROXY_TIMEOUTS), ("check", HAPROXY_CHECK)):
+        settings = values.get(key)
+        if settings is None:
+            continue
+        if not isinstance(settings, dict):
+            errors.add(f"{path}:{key}", settings, f"must be a mapping ({', '.join(sorted(known))})")
+            continue
+        _unknown(errors, f"{path}:{key}", settings, known)
+        for name in sorted(set(settings) & known):
+            where = f"{path}:{key}:{name}"
+            if name in ("fall", "rise"):
+                model.to_int(settings[name], errors, where, 1, INT32, "a number of checks")
+            else:
+                _time(settings[name], errors, where)
+
+
 def sysctls(values, errors, path):
-    """Validate the proxy's sysctls: dotted keys, scalar values, never tcp_tw_recycle."""
+    """Validate the proxy's sysctls: dotted keys, one-line values, never tcp_tw_recycle."""
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -80,10 +231,12 @@ def sysctls(values, errors, path):
         where = f"{path}:{key}"
         if key in FORBIDDEN_SYSCTLS:
             errors.add(where, value, FORBIDDEN_SYSCTLS[key])
-        elif not isinstance(key, str) or not SYSCTL_KEY.match(key):
+        elif not isinstance(key, str) or not SYSCTL_KEY.fullmatch(key):
             errors.add(where, value, "is not a sysctl key such as net.ipv4.ip_forward")
         elif isinstance(value, bool) or not isinstance(value, (int, str)):
             errors.add(where, value, "must be an integer or a string")
+        elif isinstance(value, str) and _word(value, errors, where) is None:
+            continue
         else:
             clean[key] = value
     return clean
@@ -104,26 +257,28 @@ def topology(config, minion_id=None):
 
     proxies = _mapping(config.get("proxies"), errors, "proxies", "proxies")
     relays = _mapping(config.get("relays"), errors, "relays", "relays")
-    ports = _ports(config.get("ports", [25, 587]), errors, "ports")
+    raw_ports = config.get("ports", [25, 587])
+    ports = _ports(raw_ports, errors, "ports")
     base = model.to_int(config.get("priority_base", 1000), errors, "priority_base", 1, 32000)
+    backend = config.get("backend", iptables.NAME)
+    if backend not in BACKENDS:
+        errors.add(
+            "backend",
+            backend,
+            f"is not a packet-filter backend of relayroute ({', '.join(BACKENDS)})",
+        )
+    # The networks that are valid (relay_spec reports the others), for the checks below.
+    lan_networks = config.get("lan_networks")
+    lan = []
+    if isinstance(lan_networks, (list, tuple)):
+        for net in lan_networks:
+            norm = _quiet(model.to_network, net)
+            if norm is not None and not norm.endswith("/0"):
+                lan.append(ipaddress.IPv4Network(norm))
 
-    # Each proxy's rule priority defaults to priority_base + its rank by name.
-    relay_proxies = {}
-    for rank, name in enumerate(sorted(proxies, key=str)):
-        entry = proxies[name]
-        if not isinstance(entry, dict):
-            errors.add(f"proxies:{name}", entry, "must be a mapping")
-            continue
-        _unknown(errors, f"proxies:{name}", entry, PROXY_ENTRY_KEYS)
-        if "vip" not in entry:
-            errors.add(f"proxies:{name}:vip", None, "is required: where clients connect")
-        else:
-            model.to_ipv4(entry["vip"], errors, f"proxies:{name}:vip")
-        body = {k: v for k, v in entry.items() if k in model.PROXY_KEYS}
-        if "priority" not in body and base is not None:
-            body["priority"] = base + rank
-        relay_proxies[str(name)] = body
-
+    # Relays: one address each, on the LAN; their ports among the proxied ones.
+    relay_addresses = {}  # normalised address: relay name
+    relay_ports = {}
     for name, entry in relays.items():
         if name in proxies:
             errors.add(
@@ -133,59 +288,93 @@ def topology(config, minion_id=None):
             errors.add(f"relays:{name}", entry, "must be a mapping with the relay's address")
             continue
         _unknown(errors, f"relays:{name}", entry, RELAY_ENTRY_KEYS)
+        if "ports" in entry:
+            relay_ports[name] = _ports(
+                entry["ports"], errors, f"relays:{name}:ports", ports or None
+            )
         if "address" not in entry:
             errors.add(f"relays:{name}:address", None, "is required")
+            continue
+        where, raw = f"relays:{name}:address", entry["address"]
+        address = _host_address(raw, errors, where)
+        if address is None:
+            continue
+        if address in relay_addresses:
+            errors.add(where, raw, f"is also relay {relay_addresses[address]!r}'s")
         else:
-            model.to_ipv4(entry["address"], errors, f"relays:{name}:address")
-        if "ports" in entry:
-            _ports(entry["ports"], errors, f"relays:{name}:ports")
+            relay_addresses[address] = name
+        if lan:
+            _on_lan(address, lan, errors, where, raw, "is not in any of lan_networks")
+    if ports and relays and all(isinstance(entry, dict) for entry in relays.values()):
+        served = {port for name in relays for port in relay_ports.get(name, ports)}
+        for index, port in enumerate(raw_ports):
+            number = model.to_int(port, model._Errors(), "", 1, 65535)
+            if number is not None and number not in served:
+                errors.add(
+                    f"ports:{index}",
+                    port,
+                    "no relay serves this port: HAProxy's backend would have no server",
+                )
+
+    # Proxies: each proxy's rule priority defaults to priority_base + its rank by name.
+    relay_proxies = {}
+    vips = {}
+    for rank, name in enumerate(sorted(proxies, key=str)):
+        entry = proxies[name]
+        if not isinstance(entry, dict):
+            errors.add(f"proxies:{name}", entry, "must be a mapping")
+            continue
+        _unknown(errors, f"proxies:{name}", entry, PROXY_ENTRY_KEYS)
+        if "vip" not in entry:
+            errors.add(f"proxies:{name}:vip", None, "is required: where clients connect")
+        else:
+            vip = vips[name] = _host_address(entry["vip"], errors, f"proxies:{name}:vip")
+            if vip in relay_addresses:
+                errors.add(
+                    f"proxies:{name}:vip",
+                    entry["vip"],
+                    f"is relay {relay_addresses[vip]!r}'s address, not one of the proxy's",
+                )
+        body = {k: v for k, v in entry.items() if k in model.PROXY_KEYS}
+        if "priority" not in body and base is not None:
+            body["priority"] = base + rank
+        relay_proxies[str(name)] = body
+        # The LAN address; relay_spec reports it when it is no address at all.
+        address = _quiet(model.to_ipv4, entry.get("address"))
+        if address is None:
+            continue
+        where, raw = f"proxies:{name}:address", entry["address"]
+        if address in relay_addresses:
+            errors.add(where, raw, f"is relay {relay_addresses[address]!r}'s address")
+        why = _not_unicast(address)
+        if why:
+            errors.add(where, raw, f"is {why}, not a host's unicast address")
+        elif lan:
+            _on_lan(
+                address,
+                lan,
+                errors,
+                where,
+                raw,
+                "is not in any of lan_networks: a proxy must be a neighbour of the relays",
+            )
 
     spec = None
     try:
         spec = model.relay_spec(
-            config.get("lan_networks"), config.get("mark_mask", 0xFF), relay_proxies, "relayroute"
+            lan_networks, config.get("mark_mask", 0xFF), relay_proxies, "relayroute"
         )
     except model.InputError as err:
-        errors.items += [e for e in err.errors if e not in errors.items]
+        # The proxies mapping as a whole is reported above (_mapping).
+        errors.items += [
+            e
+            for e in err.errors
+            if e not in errors.items and not e.startswith("relayroute:proxies: ")
+        ]
 
-    relay_addresses = {}
-    for name, entry in relays.items():
-        address = entry.get("address") if isinstance(entry, dict) else None
-        if address in relay_addresses:
-            errors.add(
-                f"relays:{name}:address", address, f"is also relay {relay_addresses[address]!r}'s"
-            )
-        elif address:
-            relay_addresses[address] = name
-        if (
-            spec
-            and address
-            and _is_ipv4(address)
-            and not any(
-                ipaddress.IPv4Address(address) in ipaddress.IPv4Network(net)
-                for net in spec.lan_networks
-            )
-        ):
-            errors.add(f"relays:{name}:address", address, "is not in any of lan_networks")
-    if spec:
-        for proxy in spec.proxies:
-            if proxy.address in relay_addresses:
-                errors.add(
-                    f"proxies:{proxy.name}:address",
-                    proxy.address,
-                    f"is relay {relay_addresses[proxy.address]!r}'s address",
-                )
-            if not any(
-                ipaddress.IPv4Address(proxy.address) in ipaddress.IPv4Network(net)
-                for net in spec.lan_networks
-            ):
-                errors.add(
-                    f"proxies:{proxy.name}:address",
-                    proxy.address,
-                    "is not in any of lan_networks: a proxy must be a neighbour of the relays",
-                )
-
-    role = config.get("proxy") or {}
+    role = config.get("proxy")
+    if role is None:
+        role = {}
     proxy_args = None
     if not isinstance(role, dict):
         errors.add("proxy", role, "must be a mapping of proxy-role settings")
@@ -200,11 +389,16 @@ def topology(config, minion_id=None):
             "relayroute:proxy",
         )
     except model.InputError as err:
-        errors.items += [e for e in err.errors if "mark_mask" not in e]
+        # relay_spec has reported a bad mark_mask already, under its own path.
+        errors.items += [e for e in err.errors if not e.startswith("relayroute:proxy:mark_mask:")]
         proxy_spec = None
     clean_sysctls = sysctls(role.get("sysctls"), errors, "proxy:sysctls")
+    for key in ("sysctl_config", "sysctl_saved"):
+        if key in role:
+            _absolute_path(role[key], errors, f"proxy:{key}")
+    haproxy(role.get("haproxy"), errors, "proxy:haproxy")
 
-    if errors.items:
+    if errors.items or spec is None or proxy_spec is None:
         return {"errors": errors.items, "relay": None, "proxy": None}
 
     relay_args = {
@@ -226,11 +420,11 @@ def topology(config, minion_id=None):
         },
     }
     if minion_id in proxies:
-        entry = proxies[minion_id]
+        address = next(p.address for p in spec.proxies if p.name == str(minion_id))
         proxy_args = {
             "name": minion_id,
-            "address": str(entry["address"]),
-            "vip": str(entry["vip"]),
+            "address": address,
+            "vip": vips[minion_id],
             "ports": ports,
             "divert_mark": proxy_spec.divert_mark,
             "divert_table": proxy_spec.divert_table,
@@ -240,18 +434,10 @@ def topology(config, minion_id=None):
             "relays": [
                 {
                     "name": str(name),
-                    "address": str(relays[name]["address"]),
-                    "ports": relays[name].get("ports", ports),
+                    "address": _quiet(model.to_ipv4, relays[name]["address"]),
+                    "ports": relay_ports.get(name, ports),
                 }
                 for name in sorted(relays, key=str)
             ],
         }
     return {"errors": [], "relay": relay_args, "proxy": proxy_args}
-
-
-def _is_ipv4(value):
-    try:
-        ipaddress.IPv4Address(value)
-    except (ValueError, TypeError):
-        return False
-    return True
