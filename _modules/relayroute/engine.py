@@ -329,7 +329,8 @@ def converge(
             filter_backend.apply(todo.transaction)
             filter_written = True
         done += netlink.run_ops(todo.after)
-        again = diff(plan, read(filter_backend), filter_backend, scope)
+        keys = [item.key for item in plan.sysctls]
+        again = diff(plan, read(filter_backend, sysctl_keys=keys), filter_backend, scope)
         if again:
             raise RuntimeError(
                 "verification failed: after applying, the kernel still differs from the plan: "

@@ -33,6 +33,7 @@ TOP_KEYS = {
     "relay",
     "backend",
     "lookup",
+    "persist",
 }
 PROXY_ENTRY_KEYS = {"address", "mac", "mark", "table", "priority", "vip"}
 RELAY_ENTRY_KEYS = {"address", "ports"}

@@ -6,6 +6,8 @@
 # removing them would stop the mail service, which is the operator's call.
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
+{%- from tplroot ~ "/persist.jinja" import boot_unit_clean with context %}
+{%- set persist = relayroute.config.persist %}
 {%- set saved_path = relayroute.config.proxy.sysctl_saved %}
 {%- set saved = {} %}
 {%- if salt['file.file_exists'](saved_path) %}
@@ -13,7 +15,9 @@
 {%- endif %}
 
 relayroute-proxy-tproxy-divert-clean:
-  relayroute.proxy_absent: []
+  relayroute.proxy_absent:
+    - persist_dir: {{ persist.dir }}
+{{ boot_unit_clean('proxy', persist) }}
 
 {%- for key, value in (saved or {}) | dictsort %}
 

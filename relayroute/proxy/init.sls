@@ -4,7 +4,9 @@
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
 {%- from tplroot ~ "/invalid.jinja" import invalid with context %}
+{%- from tplroot ~ "/persist.jinja" import boot_unit with context %}
 {%- set proxy = relayroute.proxy %}
+{%- set persist = relayroute.config.persist %}
 {%- set haproxy = relayroute.config.proxy.haproxy %}
 
 {%- if relayroute.errors %}
@@ -47,6 +49,10 @@ relayroute-proxy-tproxy-divert:
     - mark_mask: {{ proxy.mark_mask }}
     - backend: {{ relayroute.config.backend }}
     - prefix: relayroute:proxy
+{%-   if persist.enabled %}
+    - persist_dir: {{ persist.dir }}
+{{ boot_unit('proxy', persist) }}
+{%-   endif %}
 
 {%-   if haproxy.manage_pkg %}
 

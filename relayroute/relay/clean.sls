@@ -1,6 +1,13 @@
 # -*- coding: utf-8 -*-
 # vim: ft=sls
-# Removes exactly what relayroute added on a relay: its chains, rules and routes.
+# Removes exactly what relayroute added on a relay: its chains, rules, routes,
+# kernel parameters (earlier values put back), restore script and boot unit.
+{%- set tplroot = tpldir.split('/')[0] %}
+{%- from tplroot ~ "/map.jinja" import relayroute with context %}
+{%- from tplroot ~ "/persist.jinja" import boot_unit_clean with context %}
+{%- set persist = relayroute.config.persist %}
 
 relayroute-relay-policy-routing-clean:
-  relayroute.relay_absent: []
+  relayroute.relay_absent:
+    - persist_dir: {{ persist.dir }}
+{{ boot_unit_clean('relay', persist) }}

@@ -4,6 +4,8 @@
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
 {%- from tplroot ~ "/invalid.jinja" import invalid with context %}
+{%- from tplroot ~ "/persist.jinja" import boot_unit with context %}
+{%- set persist = relayroute.config.persist %}
 
 {%- if relayroute.errors %}
 {{ invalid('relayroute-relay-invalid-pillar', relayroute.errors) }}
@@ -16,4 +18,8 @@ relayroute-relay-policy-routing:
     - proxies: {{ relayroute.relay.proxies | json }}
     - backend: {{ relayroute.config.backend }}
     - prefix: relayroute
+{%-   if persist.enabled %}
+    - persist_dir: {{ persist.dir }}
+{{ boot_unit('relay', persist) }}
+{%-   endif %}
 {%- endif %}

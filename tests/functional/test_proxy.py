@@ -86,6 +86,10 @@ def pillar(tmp_path, **proxy_role):
                 "sysctl_saved": str(tmp_path / "sysctl-before.yaml"),
                 **proxy_role,
             },
+            "persist": {
+                "dir": str(tmp_path / "relayroute"),
+                "systemd_dir": str(tmp_path / "systemd"),
+            },
             "lookup": {"proxy": {"haproxy": haproxy}},
         }
     }
@@ -122,6 +126,13 @@ def test_formula_proxy_component(loaders, proxy_ns, tmp_path):
         check = proxy_ns.exec(["haproxy", "-c", "-f", str(tmp_path / "haproxy" / "haproxy.cfg")])
         assert check.returncode == 0
 
+        # What the host runs at boot, without Salt: the unit and its script.
+        unit = tmp_path / "systemd" / "relayroute-proxy.service"
+        assert f"ExecStart=/bin/sh {tmp_path}/relayroute/proxy.restore" in unit.read_text()
+        assert (tmp_path / "systemd" / "multi-user.target.wants" / unit.name).resolve() == unit
+        script = (tmp_path / "relayroute" / "proxy.restore").read_text()
+        assert "ip -4 route replace local 0.0.0.0/0 dev lo table 100 proto 211" in script
+
         second = apply_sls(loaders, "relayroute.proxy", data)
         assert all(state["changes"] == {} for state in second.values()), second
 
@@ -133,6 +144,8 @@ def test_formula_proxy_component(loaders, proxy_ns, tmp_path):
     assert after == before
     assert not (tmp_path / "sysctl.conf").exists()
     assert not (tmp_path / "sysctl-before.yaml").exists()
+    assert not list((tmp_path / "relayroute").iterdir())
+    assert not (tmp_path / "systemd" / "relayroute-proxy.service").exists()
 
 
 def test_invalid_haproxy_description_keeps_the_previous_file(loaders, proxy_ns, tmp_path):
