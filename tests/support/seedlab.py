@@ -38,6 +38,9 @@ class SeedLab:
 
     def __init__(self, relays=RELAYS):
         self.relay_addresses = dict(relays)
+        # ip netns exec can only bind an overlay over a directory that exists.
+        self.made_etc_relayroute = not Path("/etc/relayroute").exists()
+        Path("/etc/relayroute").mkdir(exist_ok=True)
         self.hosts = {}
         self._mgmt_index = 0
         self.mgmt = {}
@@ -57,7 +60,7 @@ class SeedLab:
         overlay.mkdir(parents=True, exist_ok=True)
         (overlay / "resolv.conf").write_text("")
         (overlay / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {short}\n")
-        for sub in ("haproxy", "sysctl.d"):
+        for sub in ("haproxy", "sysctl.d", "relayroute", "systemd"):
             (overlay / sub).mkdir(exist_ok=True)
         return ns
 
@@ -130,6 +133,25 @@ class SeedLab:
             # The root end goes with its namespace; this catches a half-built link.
             run(["ip", "link", "del", root_if], check=False)
         self.hosts.clear()
+        if self.made_etc_relayroute:
+            shutil.rmtree("/etc/relayroute", ignore_errors=True)
+            self.made_etc_relayroute = False
+
+    def boot_commands(self, short):
+        """
+        What the host runs at boot for relayroute, read from its own files:
+        systemd-sysctl's drop-in, then each relayroute unit's ExecStart.
+        """
+        overlay = NETNS_ETC / self.hosts[short].name
+        commands = []
+        dropin = overlay / "sysctl.d" / "90-relayroute.conf"
+        if dropin.exists():
+            commands.append(["sysctl", "-q", "-p", "/etc/sysctl.d/90-relayroute.conf"])
+        for unit in sorted((overlay / "systemd" / "system").glob("relayroute-*.service")):
+            for line in unit.read_text().splitlines():
+                if line.startswith("ExecStart="):
+                    commands.append(line.split("=", 1)[1].split())
+        return commands
 
 
 def overlay_path(ns, path):
