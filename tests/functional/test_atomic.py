@@ -11,7 +11,8 @@ import pytest
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from tests.functional.test_relay import ARGS, PROXIES, SECOND, plant_foreign_state
+from tests.functional.test_relay import ARGS, PROXIES, SECOND
+from tests.support.hosts import plant_foreign_state
 
 pytestmark = pytest.mark.root
 

@@ -11,7 +11,8 @@ Reboot and reverse-path filtering on the real kernel.
 
 import pytest
 
-from tests.functional.test_relay import ARGS, plant_foreign_state
+from tests.functional.test_relay import ARGS
+from tests.support.hosts import internet, lose_runtime_state, plant_foreign_state
 from tests.support.netns import mac_of, veth
 from tests.support.tcp import connect, start_server
 
@@ -20,26 +21,13 @@ pytestmark = pytest.mark.root
 DIRECT, PROXIED, RELAY = "203.0.113.10", "203.0.113.20", "192.0.2.11"
 
 
-def flush_like_a_reboot(ns, tables=(1000254,)):
-    """What a reboot loses: the whole mangle table, policy rules and tables, conntrack."""
-    ns.exec("iptables -t mangle -F")
-    ns.exec("iptables -t mangle -X")
-    for line in ns.exec("ip -4 rule show").stdout.splitlines():
-        priority = line.split(":")[0]
-        if priority not in ("0", "32766", "32767"):
-            ns.ip(f"rule del priority {priority}")
-    for table in tables:
-        ns.ip(f"route flush table {table}")
-    ns.exec("conntrack -F", check=False)
-
-
 def test_restore_script_brings_back_what_was_applied(loaders, relay_ns, tmp_path):
     persist = tmp_path / "relayroute"
     with relay_ns.entered():
         ret = loaders.modules.relayroute.relay_apply(persist_dir=str(persist), **ARGS)
         assert ret["changes"]["persist"] == {"old": None, "new": str(persist / "relay.restore")}
         applied = relay_ns.snapshot()
-        flush_like_a_reboot(relay_ns)
+        lose_runtime_state(relay_ns, [1000254])
         assert relay_ns.snapshot() != applied
         relay_ns.exec(["/bin/sh", str(persist / "relay.restore")])
         assert relay_ns.snapshot() == applied
@@ -76,20 +64,7 @@ def two_legged(make_netns):
     client, inet, gw, proxy, relay = (
         make_netns(name) for name in ("client", "inet", "gw", "proxy", "relay")
     )
-    veth(client, "eth0", inet, "c0")
-    client.ip(f"addr add {DIRECT}/24 dev eth0")
-    client.ip(f"addr add {PROXIED}/24 dev eth0")
-    client.ip("route add default via 203.0.113.1")
-    inet.ip("addr add 203.0.113.1/24 dev c0")
-    veth(inet, "g0", gw, "up0")
-    inet.ip("addr add 198.51.100.1/30 dev g0")
-    gw.ip("addr add 198.51.100.2/30 dev up0")
-    veth(inet, "p0", proxy, "up0")
-    inet.ip("addr add 198.51.100.5/30 dev p0")
-    proxy.ip("addr add 198.51.100.6/30 dev up0")
-    inet.ip("route add 192.0.2.0/24 via 198.51.100.2")
-    inet.ip("route add default via 198.51.100.6 table 100")
-    inet.ip(f"rule add priority 100 from {PROXIED} lookup 100")
+    internet(client, inet, gw, proxy, DIRECT, PROXIED)
     veth(gw, "lan0", relay, "lan0")
     gw.ip("addr add 192.0.2.1/25 dev lan0")
     relay.ip(f"addr add {RELAY}/25 dev lan0")
@@ -98,14 +73,7 @@ def two_legged(make_netns):
     relay.ip("addr add 192.0.2.131/25 dev px0")
     gw.ip("route add 192.0.2.128/25 via 192.0.2.11")
     relay.ip("route add default via 192.0.2.1")
-    for router, uplink in ((gw, "198.51.100.1"), (proxy, "198.51.100.5")):
-        router.sysctl("net.ipv4.ip_forward", 1)
-        router.ip(f"route add default via {uplink}")
-        router.exec("iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP")
     proxy.ip("route add 192.0.2.0/24 via 192.0.2.131")
-    inet.sysctl("net.ipv4.ip_forward", 1)
-    for host in (gw, proxy, inet):
-        host.sysctl("net.ipv4.conf.all.rp_filter", 0)
     for key in ("all", "default", "lan0", "px0"):
         relay.sysctl(f"net.ipv4.conf.{key}.rp_filter", 1)
     start_server(relay, RELAY, 25)

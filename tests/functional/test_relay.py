@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tests.support.hosts import plant_foreign_state
 from tests.support.netns import mac_of
 
 pytestmark = pytest.mark.root
@@ -47,27 +48,6 @@ EXPECTED_MANGLE = [
 def mangle_rules(ns):
     out = ns.exec("iptables-save -t mangle").stdout
     return [line for line in out.splitlines() if line.startswith("-A")]
-
-
-def plant_foreign_state(ns):
-    """What other tools left: a Docker-like chain, another connmark user, a VPN's rule."""
-    ns.exec(
-        ["iptables-restore", "--noflush"],
-        input="\n".join(
-            [
-                "*mangle",
-                ":DOCKER-LIKE - [0:0]",
-                "-A PREROUTING -j DOCKER-LIKE",
-                "-A DOCKER-LIKE -i br-lab -j RETURN",
-                "-A PREROUTING -m conntrack --ctstate NEW -j CONNMARK --set-xmark 0x10000/0xff0000",
-                "-A OUTPUT -j CONNMARK --restore-mark --nfmask 0xff0000 --ctmask 0xff0000",
-                "COMMIT",
-                "",
-            ]
-        ),
-    )
-    ns.ip("route add default via 192.0.2.1 table 51820")
-    ns.ip("rule add priority 900 fwmark 0x10000/0xff0000 lookup 51820")
 
 
 def test_apply_produces_exactly_the_seed_state(loaders, relay_ns):

@@ -11,6 +11,7 @@ packets) kills them.
 
 import pytest
 
+from tests.support.hosts import internet
 from tests.support.netns import mac_of, veth
 from tests.support.tcp import HeldSession, connect, start_server
 
@@ -24,22 +25,7 @@ def net(make_netns):
     client, inet, gw, proxy, lan, relay = (
         make_netns(name) for name in ("client", "inet", "gw", "proxy", "lan", "relay")
     )
-    veth(client, "eth0", inet, "c0")
-    client.ip(f"addr add {DIRECT}/24 dev eth0")
-    client.ip(f"addr add {PROXIED}/24 dev eth0")
-    client.ip("route add default via 203.0.113.1")
-    inet.ip("addr add 203.0.113.1/24 dev c0")
-    veth(inet, "g0", gw, "up0")
-    inet.ip("addr add 198.51.100.1/30 dev g0")
-    gw.ip("addr add 198.51.100.2/30 dev up0")
-    veth(inet, "p0", proxy, "up0")
-    inet.ip("addr add 198.51.100.5/30 dev p0")
-    proxy.ip("addr add 198.51.100.6/30 dev up0")
-    # The internet reaches the relays' LAN through the gateway, except the
-    # proxied client's traffic, which goes through the proxy.
-    inet.ip("route add 192.0.2.0/24 via 198.51.100.2")
-    inet.ip("route add default via 198.51.100.6 table 100")
-    inet.ip(f"rule add priority 100 from {PROXIED} lookup 100")
+    internet(client, inet, gw, proxy, DIRECT, PROXIED)
     # The LAN: a bridge joining gateway, proxy and relay.
     lan.ip("link add br0 type bridge")
     lan.ip("link set br0 up")
@@ -50,13 +36,6 @@ def net(make_netns):
     proxy.ip("addr add 192.0.2.2/24 dev lan0")
     relay.ip(f"addr add {RELAY}/24 dev lan0")
     relay.ip("route add default via 192.0.2.1")
-    for router, uplink in ((gw, "198.51.100.1"), (proxy, "198.51.100.5")):
-        router.sysctl("net.ipv4.ip_forward", 1)
-        router.ip(f"route add default via {uplink}")
-        router.exec("iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP")
-    inet.sysctl("net.ipv4.ip_forward", 1)
-    for host in (gw, proxy, inet):
-        host.sysctl("net.ipv4.conf.all.rp_filter", 0)
     start_server(relay, RELAY, 25)
     return {"client": client, "relay": relay, "proxy": proxy, "gw": gw}
 

@@ -9,6 +9,7 @@ import copy
 import pytest
 
 from tests.support import seedlab
+from tests.support.hosts import plant_foreign_state
 from tests.support.seedlab import report, states_of
 from tests.support.smtp import send_mail
 from tests.support.smtphold import HeldSmtpSessions
@@ -95,29 +96,15 @@ def test_sessions_in_flight_survive_reapply_and_topology_changes(
     assert len(completed) == len(sessions) >= 100
 
 
-FOREIGN = "\n".join(
-    [
-        "*mangle",
-        ":DOCKER-LIKE - [0:0]",
-        "-A PREROUTING -j DOCKER-LIKE",
-        "-A DOCKER-LIKE -i br-lab -j RETURN",
-        "-A PREROUTING -m conntrack --ctstate NEW -j CONNMARK --set-xmark 0x10000/0xff0000",
-        "-A OUTPUT -j CONNMARK --restore-mark --nfmask 0xff0000 --ctmask 0xff0000",
-        "COMMIT",
-        "",
-    ]
-)
-
-
 def test_other_tools_state_survives_apply_reapply_and_clean(applied, lab, salt_cli):
     """A Docker-like chain, another connmark user with its own mask, a VPN's rule and table."""
     relay = lab.ns("relay2")
     address = lab.relay_addresses["relay2"]
     clean = salt_cli.run("state.apply", "relayroute.relay.clean", minion_tgt="relay2")
     assert clean.returncode == 0, clean.stdout
-    relay.exec(["iptables-restore", "--noflush"], input=FOREIGN)
-    relay.ip("route add default via 192.0.2.1 table 51820")
-    relay.ip("rule add priority 900 fwmark 0x20000/0xff0000 lookup 51820")
+    # The VPN's rule catches only its own mark: a rule catching every connection
+    # ahead of relayroute's would route proxied replies by the VPN's table.
+    plant_foreign_state(relay, vpn_fwmark="0x20000/0xff0000")
     planted = relay.snapshot()
     try:
         assert highstate(salt_cli, "relay2")["relay2"]

@@ -7,23 +7,11 @@ paths work again.
 import pytest
 
 from tests.support import seedlab
+from tests.support.hosts import lose_runtime_state
 from tests.support.seedlab import report
 from tests.support.smtp import send_mail
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
-
-
-def lose_runtime_state(ns, tables):
-    """What a reboot loses: mangle rules and marks, policy rules and tables, conntrack."""
-    ns.exec("iptables -t mangle -F")
-    ns.exec("iptables -t mangle -X")
-    for line in ns.exec("ip -4 rule show").stdout.splitlines():
-        priority = line.split(":")[0]
-        if priority not in ("0", "32766", "32767"):
-            ns.ip(f"rule del priority {priority}")
-    for table in tables:
-        ns.ip(f"route flush table {table}")
-    ns.exec("conntrack -F", check=False)
 
 
 def test_boot_restores_both_mail_paths_without_salt(applied, lab):

@@ -1,0 +1,68 @@
+"""Pieces of test hosts shared by the functional traffic tests and the lab."""
+
+from tests.support.netns import veth
+
+# Other tools' packet-filter state: a Docker-like chain, and another connmark
+# user that keeps its own bits (0xff0000) of the mark.
+FOREIGN_MANGLE = "\n".join(
+    [
+        "*mangle",
+        ":DOCKER-LIKE - [0:0]",
+        "-A PREROUTING -j DOCKER-LIKE",
+        "-A DOCKER-LIKE -i br-lab -j RETURN",
+        "-A PREROUTING -m conntrack --ctstate NEW -j CONNMARK --set-xmark 0x10000/0xff0000",
+        "-A OUTPUT -j CONNMARK --restore-mark --nfmask 0xff0000 --ctmask 0xff0000",
+        "COMMIT",
+        "",
+    ]
+)
+
+
+def plant_foreign_state(ns, vpn_fwmark="0x10000/0xff0000", gateway="192.0.2.1"):
+    """What other tools left: the mangle state above, and a VPN's fwmark rule and table."""
+    ns.exec(["iptables-restore", "--noflush"], input=FOREIGN_MANGLE)
+    ns.ip(f"route add default via {gateway} table 51820")
+    ns.ip(f"rule add priority 900 fwmark {vpn_fwmark} lookup 51820")
+
+
+def lose_runtime_state(ns, tables):
+    """What a reboot loses: mangle rules and marks, policy rules and tables, conntrack."""
+    ns.exec("iptables -t mangle -F")
+    ns.exec("iptables -t mangle -X")
+    for line in ns.exec("ip -4 rule show").stdout.splitlines():
+        priority = line.split(":")[0]
+        if priority not in ("0", "32766", "32767"):
+            ns.ip(f"rule del priority {priority}")
+    for table in tables:
+        ns.ip(f"route flush table {table}")
+    ns.exec("conntrack -F", check=False)
+
+
+def internet(client, inet, gw, proxy, direct, proxied):
+    """
+    The client side of a traffic test: ``client`` holds ``direct`` and
+    ``proxied``; the ``inet`` router reaches 192.0.2.0/24 through ``gw``,
+    except traffic from ``proxied``, which it sends through ``proxy``.
+    """
+    veth(client, "eth0", inet, "c0")
+    client.ip(f"addr add {direct}/24 dev eth0")
+    client.ip(f"addr add {proxied}/24 dev eth0")
+    client.ip("route add default via 203.0.113.1")
+    inet.ip("addr add 203.0.113.1/24 dev c0")
+    veth(inet, "g0", gw, "up0")
+    inet.ip("addr add 198.51.100.1/30 dev g0")
+    gw.ip("addr add 198.51.100.2/30 dev up0")
+    veth(inet, "p0", proxy, "up0")
+    inet.ip("addr add 198.51.100.5/30 dev p0")
+    proxy.ip("addr add 198.51.100.6/30 dev up0")
+    inet.ip("route add 192.0.2.0/24 via 198.51.100.2")
+    inet.ip("route add default via 198.51.100.6 table 100")
+    inet.ip(f"rule add priority 100 from {proxied} lookup 100")
+    inet.sysctl("net.ipv4.ip_forward", 1)
+    for router, uplink in ((gw, "198.51.100.1"), (proxy, "198.51.100.5")):
+        router.sysctl("net.ipv4.ip_forward", 1)
+        router.ip(f"route add default via {uplink}")
+        # Stateful: replies of connections it never saw are conntrack INVALID.
+        router.exec("iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP")
+    for host in (gw, proxy, inet):
+        host.sysctl("net.ipv4.conf.all.rp_filter", 0)
