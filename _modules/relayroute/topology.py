@@ -6,6 +6,7 @@ Pure: no kernel, no Salt. Errors name the pillar key path (``relayroute:...``)
 and the value.
 """
 
+import difflib
 import ipaddress
 import re
 
@@ -67,9 +68,9 @@ HAPROXY_CHECK = {"inter", "fall", "rise"}
 
 def _unknown(errors, path, mapping, known):
     for key in sorted(set(mapping) - known, key=str):
-        errors.add(
-            f"{path}:{key}", mapping[key], f"is not a known key ({', '.join(sorted(known))})"
-        )
+        close = difflib.get_close_matches(str(key), sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f" ({', '.join(sorted(known))})"
+        errors.add(f"{path}:{key}", mapping[key], f"is not a known key{hint}")
 
 
 def _ports(value, errors, path, allowed=None):

@@ -1,0 +1,141 @@
+"""
+The bad-input corpus (``tests/data/bad_topologies.yaml``) through the formula on
+the real kernel: for every malformed or contradictory topology both role
+components (``relayroute.relay`` and ``relayroute.proxy``) render only their
+one failing state naming the key path and the value, and the host's ruleset,
+rules, routes and sysctls are exactly what they were.
+"""
+
+import time
+
+import pytest
+
+from tests.support.hosts import plant_foreign_state
+from tests.support.netns import veth
+from tests.unit.test_bad_topologies import load_cases, pillar_for
+
+pytestmark = pytest.mark.root
+
+CASES = load_cases()
+# Both components in one state.sls run: each renders on its own, from the same pillar.
+SLS = "relayroute.relay,relayroute.proxy"
+INVALID = {"relayroute-relay-invalid-pillar", "relayroute-proxy-invalid-pillar"}
+# The sysctls the proxy role (and a careless pillar) would touch.
+SYSCTLS = (
+    "net.ipv4.ip_forward",
+    "net.ipv4.ip_nonlocal_bind",
+    "net.ipv4.conf.all.rp_filter",
+    "net.ipv4.tcp_tw_reuse",
+)
+
+
+def snapshot(ns):
+    """The namespace's rules, routes, full ruleset, and the sysctls that matter."""
+    state = ns.snapshot()
+    state["sysctls"] = ns.exec(["sysctl", *SYSCTLS]).stdout
+    return state
+
+
+@pytest.fixture
+def host(make_netns):
+    """A relay-like namespace on 192.0.2.0/24 holding other tools' state."""
+    relay = make_netns("corpus")
+    lan = make_netns("corpus-lan")
+    veth(relay, "eth0", lan, "eth0")
+    relay.ip("addr add 192.0.2.11/24 dev eth0")
+    lan.ip("addr add 192.0.2.2/24 dev eth0")
+    lan.ip("addr add 192.0.2.3/24 dev eth0")
+    relay.ip("route add default via 192.0.2.1")
+    relay.sysctl("net.ipv4.conf.all.rp_filter", 2)
+    plant_foreign_state(relay)
+    return relay
+
+
+def host_overlay(tmp_path):
+    """Keep every file the components would write inside tmp_path; no pkg, no service."""
+    return {
+        "relayroute": {
+            "persist": {
+                "dir": str(tmp_path / "persist"),
+                "systemd_dir": str(tmp_path / "systemd"),
+            },
+            "proxy": {
+                "sysctl_config": str(tmp_path / "sysctl.conf"),
+                "sysctl_saved": str(tmp_path / "sysctl-before.yaml"),
+            },
+            "lookup": {
+                "proxy": {
+                    "haproxy": {
+                        "config": str(tmp_path / "haproxy" / "haproxy.cfg"),
+                        "manage_pkg": False,
+                        "manage_service": False,
+                        "stats_socket": "",
+                        "chroot": "",
+                    }
+                }
+            },
+        }
+    }
+
+
+def apply_sls(loaders, pillar, test=False):
+    ret = loaders.modules.state.sls(SLS, pillar=pillar, test=test)
+    if not isinstance(ret.raw, dict):  # a render error: a list of messages
+        return ret.raw
+    return {state["__id__"]: state for state in ret.raw.values()}
+
+
+def refusal_problems(case, states):
+    """Why ``states`` are not exactly the two refusals naming the case's key and value."""
+    if not isinstance(states, dict):
+        return f"did not render: {states}"
+    if set(states) != INVALID:
+        return f"states {sorted(states)} ran, not only {sorted(INVALID)}"
+    for sid, state in states.items():
+        if state["result"] is not False:
+            return f"{sid}: result {state['result']!r}"
+        if state["changes"]:
+            return f"{sid}: changes {state['changes']!r}"
+        if case["expect"] not in state["name"] or case["expect"] not in state["comment"]:
+            return f"{sid}: {case['expect']!r} not in {state['comment']!r}"
+    return None
+
+
+def test_every_bad_topology_is_refused_and_changes_nothing(loaders, host, tmp_path):
+    overlay = host_overlay(tmp_path)
+    written = [
+        tmp_path / name
+        for name in ("sysctl.conf", "sysctl-before.yaml", "haproxy", "persist", "systemd")
+    ]
+    failures = []
+    tried = 0
+    started = time.monotonic()
+    with host.entered():
+        before = snapshot(host)
+        # Control: the unpatched base renders the roles' real states (dry run only).
+        dry = apply_sls(loaders, pillar_for({"patch": {}}, overlay), test=True)
+        assert isinstance(dry, dict), dry
+        assert {"relayroute-relay-policy-routing", "relayroute-proxy-tproxy-divert"} <= set(dry)
+        assert all(state["result"] in (None, True) for state in dry.values()), dry
+        assert snapshot(host) == before
+        assert not [path for path in written if path.exists()]
+        for case in CASES:
+            states = apply_sls(loaders, pillar_for(case, overlay))
+            tried += 1
+            problem = refusal_problems(case, states)
+            if problem:
+                failures.append(f"{case['id']}: {problem}")
+            after = snapshot(host)
+            if after != before:
+                changed = sorted(key for key in before if before[key] != after[key])
+                failures.append(f"{case['id']}: the host changed ({', '.join(changed)})")
+                break  # every later comparison would be against a changed host
+            made = [path.name for path in written if path.exists()]
+            if made:
+                failures.append(f"{case['id']}: wrote {made}")
+                break
+    elapsed = time.monotonic() - started
+    print(f"\nbad-input corpus: {tried} cases tried through {SLS} in {elapsed:.1f} s")
+    assert not failures, "\n".join(failures)
+    assert tried == len(CASES)
+    assert tried >= 40
