@@ -244,6 +244,28 @@ def sysctls(values, errors, path):
     return clean
 
 
+PERSIST_KEYS = {"enabled", "dir", "systemd_dir", "wanted_by"}
+
+
+def persist(values, errors, path):
+    """Boot-time persistence: where the restore scripts and the systemd units go."""
+    if values is None:
+        return
+    if not isinstance(values, dict):
+        errors.add(path, values, "must be a mapping of persistence settings")
+        return
+    _unknown(errors, path, values, PERSIST_KEYS)
+    if "enabled" in values and not isinstance(values["enabled"], bool):
+        errors.add(f"{path}:enabled", values["enabled"], "must be true or false")
+    for key in ("dir", "systemd_dir"):
+        if key in values:
+            _absolute_path(values[key], errors, f"{path}:{key}")
+    if "wanted_by" in values:
+        target = _word(values["wanted_by"], errors, f"{path}:wanted_by", "a systemd target")
+        if target is not None and not target.endswith(".target"):
+            errors.add(f"{path}:wanted_by", values["wanted_by"], "must name a systemd .target")
+
+
 def topology(config, minion_id=None):
     """
     Validate ``config`` (the merged ``relayroute`` pillar) and return
@@ -399,6 +421,7 @@ def topology(config, minion_id=None):
         if key in role:
             _absolute_path(role[key], errors, f"proxy:{key}")
     haproxy(role.get("haproxy"), errors, "proxy:haproxy")
+    persist(config.get("persist"), errors, "persist")
 
     if errors.items or spec is None or proxy_spec is None:
         return {"errors": errors.items, "relay": None, "proxy": None}
