@@ -20,6 +20,16 @@ from .model import InputError
 
 log = logging.getLogger(__name__)
 
+# Packet-filter backends: modules with the same small interface, so a native
+# nftables backend is one more module here and nothing else changes.
+#   NAME                          name used in changes and by the ``backend`` option
+#   read()                        the ruleset now (one process at most)
+#   apply(payload)                write one transaction, all or nothing
+#   transaction(plan, ruleset)    payload turning the owner's part into the plan, or None
+#   snapshot(ruleset, prefix) / transaction_to(chains, jumps, ruleset, prefix)
+#                                 the owner's part now, and the payload back to it (rollback)
+#   owned_lines(ruleset, prefix) / desired_lines(plan)   what operators read in changes
+#   restore_commands(plan)        shell lines for the boot-time restore script
 BACKENDS = {iptables.NAME: iptables}
 
 
