@@ -30,34 +30,7 @@ class NetnsSaltMinion(SaltMinion):
 
 
 def lab_pillar(lab):
-    """The seed's topology as relayroute's pillar (documentation ranges only)."""
-    return {
-        "relayroute": {
-            "lan_networks": [seedlab.LAN],
-            "mark_mask": 0xFF,
-            "ports": [25, 587],
-            "proxies": {
-                "master-relay": {
-                    "address": seedlab.PROXY_LAN,
-                    "mark": 254,
-                    "table": 1000254,
-                    "priority": 1000,
-                    "vip": seedlab.VIP,
-                }
-            },
-            "relays": {name: {"address": addr} for name, addr in lab.relay_addresses.items()},
-            "proxy": {"haproxy": {"timeouts": {"client": "30s", "server": "30s"}}},
-            # The lab runs HAProxy itself (no init system in a namespace) and has
-            # no shared /run/haproxy: one stats socket path would collide.
-            # Saved sysctls go to a directory each host has of its own (/etc/netns).
-            "lookup": {
-                "proxy": {
-                    "haproxy": {"manage_pkg": False, "manage_service": False, "stats_socket": ""},
-                    "sysctl_saved": "/etc/sysctl.d/relayroute-before.yaml",
-                }
-            },
-        }
-    }
+    return lab.pillar()
 
 
 TOP = """\
@@ -103,7 +76,7 @@ def write_pillar(pillar_tree, data):
 def master(salt_factories, lab, state_tree, pillar_tree, formula_tree):
     write_pillar(pillar_tree, lab_pillar(lab))
     factory = salt_factories.salt_master_daemon(
-        "lab-master",
+        f"{lab.name}-master",
         overrides={
             "interface": seedlab.MASTER_ADDRESS,
             "file_roots": {"base": [str(state_tree), str(formula_tree)]},
@@ -160,8 +133,8 @@ def relays_postfix(lab, tmp_path_factory):
                 lab.ns(name),
                 base / name,
                 myhostname=f"{name}.lab.example",
-                mynetworks=["127.0.0.0/8", seedlab.LAN, "203.0.113.0/28"],
-                inet_interfaces=[address],
+                mynetworks=["127.0.0.0/8", *lab.lan_networks, "203.0.113.0/28"],
+                inet_interfaces=sorted({address, lab.direct_addresses[name]}),
             )
             instance.start()
             instances[name] = instance

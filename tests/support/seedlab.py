@@ -36,8 +36,14 @@ NETNS_ETC = Path("/etc/netns")
 class SeedLab:
     """Builds the namespaces; ``teardown`` removes them and their /etc/netns overlays."""
 
+    name = "seed"
+
     def __init__(self, relays=RELAYS):
+        # Where HAProxy and the pillar reach each relay, and where clients do.
         self.relay_addresses = dict(relays)
+        self.direct_addresses = dict(relays)
+        self.lan_networks = [LAN]
+        self.proxy_address = PROXY_LAN
         # ip netns exec can only bind an overlay over a directory that exists.
         self.made_etc_relayroute = not Path("/etc/relayroute").exists()
         Path("/etc/relayroute").mkdir(exist_ok=True)
@@ -51,7 +57,7 @@ class SeedLab:
             raise
 
     def host(self, short):
-        ns = Netns(f"seed-{short}")
+        ns = Netns(f"{self.name}-{short}")
         self.hosts[short] = ns
         # ip netns exec bind-mounts /etc/netns/NS/* over /etc/*: an empty
         # resolv.conf keeps lookups from waiting on an unreachable resolver, and
@@ -66,7 +72,7 @@ class SeedLab:
 
     def _build(self):
         client, inet, gw = self.host("client"), self.host("inet"), self.host("gw")
-        proxy, lan = self.host("master-relay"), self.host("lan")
+        proxy = self.host("master-relay")
         relays = {name: self.host(name) for name in self.relay_addresses}
 
         veth(client, "eth0", inet, "c0")
@@ -85,14 +91,7 @@ class SeedLab:
         inet.ip(f"route add {VIP}/32 via 198.51.100.6")
         inet.sysctl("net.ipv4.ip_forward", 1)
 
-        lan.ip("link add br0 type bridge")
-        lan.ip("link set br0 up")
-        members = [(gw, "l-gw", GATEWAY), (proxy, "l-mr", PROXY_LAN)]
-        members += [(relays[n], f"l-{n}", a) for n, a in self.relay_addresses.items()]
-        for host, port, address in members:
-            veth(host, "lan0", lan, port)
-            lan.ip(f"link set {port} master br0")
-            host.ip(f"addr add {address}/24 dev lan0")
+        self._lans(gw, proxy, relays)
         gw.ip("route add default via 198.51.100.1")
         gw.sysctl("net.ipv4.ip_forward", 1)
         gw.exec("iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP")
@@ -105,10 +104,102 @@ class SeedLab:
         for name in ("master-relay", *relays):
             self._management_link(self.hosts[name])
 
+    def bridge(self, short, members, prefixlen):
+        """A bridge namespace joining ``(host, port name, address)`` members on lan-side ifs."""
+        switch = self.host(short)
+        switch.ip("link add br0 type bridge")
+        switch.ip("link set br0 up")
+        for host, ifname, port, address in members:
+            veth(host, ifname, switch, port)
+            switch.ip(f"link set {port} master br0")
+            host.ip(f"addr add {address}/{prefixlen} dev {ifname}")
+
+    def _lans(self, gw, proxy, relays):
+        """The seed: one LAN joining gateway, master-relay and relays."""
+        members = [(gw, "lan0", "l-gw", GATEWAY), (proxy, "lan0", "l-mr", PROXY_LAN)]
+        members += [(relays[n], "lan0", f"l-{n}", a) for n, a in self.relay_addresses.items()]
+        self.bridge("lan", members, 24)
+
+    def pillar(self):
+        """This lab's topology as relayroute's pillar (documentation ranges only)."""
+        return {
+            "relayroute": {
+                "lan_networks": list(self.lan_networks),
+                "mark_mask": 0xFF,
+                "ports": [25, 587],
+                "proxies": {
+                    "master-relay": {
+                        "address": self.proxy_address,
+                        "mark": 254,
+                        "table": 1000254,
+                        "priority": 1000,
+                        "vip": VIP,
+                    }
+                },
+                "relays": {name: {"address": a} for name, a in self.relay_addresses.items()},
+                "proxy": {"haproxy": {"timeouts": {"client": "30s", "server": "30s"}}},
+                # The lab runs HAProxy itself (no init system in a namespace) and has
+                # no shared /run/haproxy: one stats socket path would collide. Saved
+                # sysctls go to a directory each host has of its own (/etc/netns).
+                "lookup": {
+                    "proxy": {
+                        "haproxy": {
+                            "manage_pkg": False,
+                            "manage_service": False,
+                            "stats_socket": "",
+                        },
+                        "sysctl_saved": "/etc/sysctl.d/relayroute-before.yaml",
+                    }
+                },
+            }
+        }
+
+
+class TwoLeggedLab(SeedLab):
+    """
+    The rp_filter variant: the relays reach the gateway on lan0 (192.0.2.0/25)
+    and master-relay on a second interface, px0 (192.0.2.128/25), with strict
+    reverse-path filtering. HAProxy and the pillar use the px0 addresses;
+    clients reach the relays directly on their lan0 addresses.
+    """
+
+    name = "rpf"
+
+    def __init__(self):
+        super().__init__({n: f"192.0.2.{131 + i}" for i, n in enumerate(RELAYS)})
+        self.direct_addresses = dict(RELAYS)
+        self.lan_networks = ["192.0.2.0/25", "192.0.2.128/25"]
+        self.proxy_address = "192.0.2.130"
+
+    def _lans(self, gw, proxy, relays):
+        members = [(gw, "lan0", "l-gw", GATEWAY)]
+        members += [(relays[n], "lan0", f"l-{n}", a) for n, a in RELAYS.items()]
+        self.bridge("lan", members, 25)
+        members = [(proxy, "lan0", "p-mr", "192.0.2.130")]
+        members += [(relays[n], "px0", f"p-{n}", a) for n, a in self.relay_addresses.items()]
+        self.bridge("pnet", members, 25)
+        for relay in relays.values():
+            for key in ("all", "default", "lan0", "px0"):
+                relay.sysctl(f"net.ipv4.conf.{key}.rp_filter", 1)
+
+    def _build(self):
+        super()._build()
+        for relay in (self.hosts[n] for n in RELAYS):
+            # _build reset all/default to 0 for the seed; this variant is strict.
+            relay.sysctl("net.ipv4.conf.all.rp_filter", 1)
+            relay.sysctl("net.ipv4.conf.default.rp_filter", 1)
+
     def _management_link(self, ns):
-        """A /32 link from the root namespace (the salt-master) to one host."""
+        """
+        A /32 link from the root namespace (the salt-master) to one host. The
+        host's address is the first of 198.51.100.130-254 with no route in the
+        root namespace yet, so labs of runs that overlap never collide.
+        """
         self._mgmt_index += 1
-        address = f"198.51.100.{129 + self._mgmt_index}"
+        taken = set(run(["ip", "-4", "route", "show"]).stdout.split())
+        address = next(
+            f"198.51.100.{last}" for last in range(130, 255) if f"198.51.100.{last}" not in taken
+        )
         root_if = f"{RUN_PREFIX[-6:]}m{self._mgmt_index}"
         ns.ip(f"link add mgmt0 type veth peer name {root_if} netns 1")
         ns.ip(f"addr add {address}/32 dev mgmt0")
