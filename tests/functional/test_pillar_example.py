@@ -1,0 +1,45 @@
+"""pillar.example is real: it renders both components (state.show_sls) on a minion."""
+
+import copy
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.root
+
+MINION = "relayroute-functional"
+
+
+def example(as_proxy=None):
+    data = yaml.safe_load((ROOT / "pillar.example").read_text())
+    data = copy.deepcopy(data)
+    if as_proxy:
+        proxies = data["relayroute"]["proxies"]
+        proxies[MINION] = proxies.pop(as_proxy)
+    return data
+
+
+def rendered(loaders, sls, pillar):
+    ret = loaders.modules.state.show_sls(sls, pillar=pillar)
+    assert isinstance(ret, dict), ret
+    return ret
+
+
+def test_relay_component_renders_the_example(loaders):
+    states = rendered(loaders, "relayroute.relay", example())
+    present = states["relayroute-relay-policy-routing"]["relayroute"]
+    args = {key: value for item in present if isinstance(item, dict) for key, value in item.items()}
+    assert args["lan_networks"] == ["192.0.2.0/24"]
+    assert set(args["proxies"]) == {"master-relay", "master-relay-2"}
+    assert args["proxies"]["master-relay-2"]["mark"] == 250
+    assert "relayroute-relay-boot-unit" in states
+
+
+def test_proxy_component_renders_the_example(loaders):
+    states = rendered(loaders, "relayroute.proxy", example(as_proxy="master-relay"))
+    assert "relayroute-proxy-tproxy-divert" in states
+    assert "relayroute-proxy-haproxy-config" in states
+    assert "relayroute-proxy-sysctl-net.ipv4.ip_nonlocal_bind" in states
+    assert not [name for name in states if "invalid" in name]
