@@ -154,41 +154,6 @@ class SeedLab:
             }
         }
 
-
-class TwoLeggedLab(SeedLab):
-    """
-    The rp_filter variant: the relays reach the gateway on lan0 (192.0.2.0/25)
-    and master-relay on a second interface, px0 (192.0.2.128/25), with strict
-    reverse-path filtering. HAProxy and the pillar use the px0 addresses;
-    clients reach the relays directly on their lan0 addresses.
-    """
-
-    name = "rpf"
-
-    def __init__(self):
-        super().__init__({n: f"192.0.2.{131 + i}" for i, n in enumerate(RELAYS)})
-        self.direct_addresses = dict(RELAYS)
-        self.lan_networks = ["192.0.2.0/25", "192.0.2.128/25"]
-        self.proxy_address = "192.0.2.130"
-
-    def _lans(self, gw, proxy, relays):
-        members = [(gw, "lan0", "l-gw", GATEWAY)]
-        members += [(relays[n], "lan0", f"l-{n}", a) for n, a in RELAYS.items()]
-        self.bridge("lan", members, 25)
-        members = [(proxy, "lan0", "p-mr", "192.0.2.130")]
-        members += [(relays[n], "px0", f"p-{n}", a) for n, a in self.relay_addresses.items()]
-        self.bridge("pnet", members, 25)
-        for relay in relays.values():
-            for key in ("all", "default", "lan0", "px0"):
-                relay.sysctl(f"net.ipv4.conf.{key}.rp_filter", 1)
-
-    def _build(self):
-        super()._build()
-        for relay in (self.hosts[n] for n in RELAYS):
-            # _build reset all/default to 0 for the seed; this variant is strict.
-            relay.sysctl("net.ipv4.conf.all.rp_filter", 1)
-            relay.sysctl("net.ipv4.conf.default.rp_filter", 1)
-
     def _management_link(self, ns):
         """
         A /32 link from the root namespace (the salt-master) to one host. The
@@ -243,6 +208,41 @@ class TwoLeggedLab(SeedLab):
                 if line.startswith("ExecStart="):
                     commands.append(line.split("=", 1)[1].split())
         return commands
+
+
+class TwoLeggedLab(SeedLab):
+    """
+    The rp_filter variant: the relays reach the gateway on lan0 (192.0.2.0/25)
+    and master-relay on a second interface, px0 (192.0.2.128/25), with strict
+    reverse-path filtering. HAProxy and the pillar use the px0 addresses;
+    clients reach the relays directly on their lan0 addresses.
+    """
+
+    name = "rpf"
+
+    def __init__(self):
+        super().__init__({n: f"192.0.2.{131 + i}" for i, n in enumerate(RELAYS)})
+        self.direct_addresses = dict(RELAYS)
+        self.lan_networks = ["192.0.2.0/25", "192.0.2.128/25"]
+        self.proxy_address = "192.0.2.130"
+
+    def _lans(self, gw, proxy, relays):
+        members = [(gw, "lan0", "l-gw", GATEWAY)]
+        members += [(relays[n], "lan0", f"l-{n}", a) for n, a in RELAYS.items()]
+        self.bridge("lan", members, 25)
+        members = [(proxy, "lan0", "p-mr", "192.0.2.130")]
+        members += [(relays[n], "px0", f"p-{n}", a) for n, a in self.relay_addresses.items()]
+        self.bridge("pnet", members, 25)
+        for relay in relays.values():
+            for key in ("all", "default", "lan0", "px0"):
+                relay.sysctl(f"net.ipv4.conf.{key}.rp_filter", 1)
+
+    def _build(self):
+        super()._build()
+        for relay in (self.hosts[n] for n in RELAYS):
+            # _build reset all/default to 0 for the seed; this variant is strict.
+            relay.sysctl("net.ipv4.conf.all.rp_filter", 1)
+            relay.sysctl("net.ipv4.conf.default.rp_filter", 1)
 
 
 def overlay_path(ns, path):
