@@ -165,7 +165,7 @@ class SeedLab:
         address = next(
             f"198.51.100.{last}" for last in range(130, 255) if f"198.51.100.{last}" not in taken
         )
-        root_if = f"{RUN_PREFIX[-6:]}m{self._mgmt_index}"
+        root_if = f"{RUN_PREFIX[-6:]}{self.name[0]}{self._mgmt_index}"
         ns.ip(f"link add mgmt0 type veth peer name {root_if} netns 1")
         ns.ip(f"addr add {address}/32 dev mgmt0")
         ns.ip("link set mgmt0 up")
