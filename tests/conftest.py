@@ -66,6 +66,11 @@ def pytest_unconfigure(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    # Belt and braces: nothing with this run's prefix survives the run.
+    # Belt and braces: nothing with this run's prefix survives the run, neither
+    # namespaces nor their /etc/netns overlays.
+    import shutil
+
     for name in netns_support.leftover_namespaces():
         netns_support.run(["ip", "netns", "delete", name], check=False)
+    for overlay in Path("/etc/netns").glob(f"{netns_support.RUN_PREFIX}-*"):
+        shutil.rmtree(overlay, ignore_errors=True)
