@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.netns import _alive
+from tests.support.netns import _alive, live_processes
 
 
 class HAProxyError(RuntimeError):
@@ -80,7 +80,7 @@ class HAProxyProcess:
         """Pids of the master's live worker processes."""
         if not self.running():
             return []
-        return _children(self.proc.pid)
+        return live_processes(ppid=self.proc.pid)
 
     def reload(self, timeout=10):
         """Check the configuration, then SIGUSR2 the master; return the new workers.
@@ -101,7 +101,7 @@ class HAProxyProcess:
         """SIGTERM the master (it stops the workers), SIGKILL what is left after ``timeout``."""
         if self.proc is None:
             return
-        pids = [self.proc.pid, *_children(self.proc.pid)]
+        pids = [self.proc.pid, *live_processes(ppid=self.proc.pid)]
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -129,19 +129,3 @@ class HAProxyProcess:
                 return False
             time.sleep(0.05)
         return bool(condition())
-
-
-def _children(ppid):
-    """Live (non-zombie) child processes of ``ppid``."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == ppid and fields[0] not in ("Z", "X"):
-            children.append(int(entry))
-    return sorted(children)

@@ -38,15 +38,15 @@ def lose_runtime_state(ns, tables):
     ns.exec("conntrack -F", check=False)
 
 
-def internet(client, inet, gw, proxy, direct, proxied):
+def uplinks(client, inet, gw, proxy, client_addresses):
     """
-    The client side of a traffic test: ``client`` holds ``direct`` and
-    ``proxied``; the ``inet`` router reaches 192.0.2.0/24 through ``gw``,
-    except traffic from ``proxied``, which it sends through ``proxy``.
+    The internet side every traffic test shares: ``client`` (holding
+    ``client_addresses``) behind the ``inet`` router, which links to the
+    gateway (198.51.100.0/30) and to the proxy (198.51.100.4/30).
     """
     veth(client, "eth0", inet, "c0")
-    client.ip(f"addr add {direct}/24 dev eth0")
-    client.ip(f"addr add {proxied}/24 dev eth0")
+    for address in client_addresses:
+        client.ip(f"addr add {address}/24 dev eth0")
     client.ip("route add default via 203.0.113.1")
     inet.ip("addr add 203.0.113.1/24 dev c0")
     veth(inet, "g0", gw, "up0")
@@ -56,9 +56,18 @@ def internet(client, inet, gw, proxy, direct, proxied):
     inet.ip("addr add 198.51.100.5/30 dev p0")
     proxy.ip("addr add 198.51.100.6/30 dev up0")
     inet.ip("route add 192.0.2.0/24 via 198.51.100.2")
+    inet.sysctl("net.ipv4.ip_forward", 1)
+
+
+def internet(client, inet, gw, proxy, direct, proxied):
+    """
+    The client side of a traffic test with a forwarding proxy: the ``inet``
+    router reaches 192.0.2.0/24 through ``gw``, except traffic from
+    ``proxied``, which it sends through ``proxy``.
+    """
+    uplinks(client, inet, gw, proxy, [direct, proxied])
     inet.ip("route add default via 198.51.100.6 table 100")
     inet.ip(f"rule add priority 100 from {proxied} lookup 100")
-    inet.sysctl("net.ipv4.ip_forward", 1)
     for router, uplink in ((gw, "198.51.100.1"), (proxy, "198.51.100.5")):
         router.sysctl("net.ipv4.ip_forward", 1)
         router.ip(f"route add default via {uplink}")

@@ -38,14 +38,32 @@ def run(cmd, check=True, input=None, timeout=60):  # noqa: A002
     return proc
 
 
-def _alive(pid):
-    """True while ``pid`` runs; a zombie counts as gone (it looks alive to kill -0)."""
+def _stat(pid):
+    """``(state, ppid, pgid)`` of a process from /proc, or None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
+            fields = fh.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
+        return None
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def _alive(pid):
+    """True while ``pid`` runs; a zombie counts as gone (it looks alive to kill -0)."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def live_processes(ppid=None, pgid=None):
+    """Live (non-zombie) processes with this parent or in this process group."""
+    found = []
+    for entry in os.listdir("/proc"):
+        stat = _stat(entry) if entry.isdigit() else None
+        if stat is None or stat[0] in ("Z", "X"):
+            continue
+        if (ppid is not None and stat[1] == ppid) or (pgid is not None and stat[2] == pgid):
+            found.append(int(entry))
+    return sorted(found)
 
 
 class Netns:

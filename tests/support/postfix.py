@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.netns import _alive
+from tests.support.netns import _alive, live_processes
 
 # Every transport a message could be handed to stays deferred: accepted mail
 # sits in the queue until the instance is thrown away.
@@ -231,10 +231,10 @@ class PostfixInstance:
         if _alive(self.master_pid):
             self.postfix("stop", check=False, timeout=timeout + 10)
         deadline = time.monotonic() + timeout
-        while _group_members(self.master_pid) and time.monotonic() < deadline:
+        while live_processes(pgid=self.master_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         # The master leads its own session and process group; kill what is left.
-        for pid in _group_members(self.master_pid):
+        for pid in live_processes(pgid=self.master_pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.master_pid = None
@@ -316,20 +316,3 @@ def _remove_data_dirs():
     # Data directories of instances never stopped (a test that crashed).
     for path in _DATA_DIRS:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _group_members(pgid):
-    """Live (non-zombie) processes of process group ``pgid``."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state not in ("Z", "X"):
-            members.append(int(entry))
-    return members

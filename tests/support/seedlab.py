@@ -19,6 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
+from tests.support.hosts import uplinks
 from tests.support.netns import RUN_PREFIX, Netns, mac_of, run, veth
 
 MAIL_CLIENT = "203.0.113.10"
@@ -75,21 +76,10 @@ class SeedLab:
         proxy = self.host("master-relay")
         relays = {name: self.host(name) for name in self.relay_addresses}
 
-        veth(client, "eth0", inet, "c0")
-        client.ip(f"addr add {MAIL_CLIENT}/24 dev eth0")
-        client.ip(f"addr add {EXTERNAL_MTA}/24 dev eth0")
-        client.ip("route add default via 203.0.113.1")
-        inet.ip("addr add 203.0.113.1/24 dev c0")
-        veth(inet, "g0", gw, "up0")
-        inet.ip("addr add 198.51.100.1/30 dev g0")
-        gw.ip("addr add 198.51.100.2/30 dev up0")
-        veth(inet, "p0", proxy, "up0")
-        inet.ip("addr add 198.51.100.5/30 dev p0")
-        proxy.ip("addr add 198.51.100.6/30 dev up0")
+        uplinks(client, inet, gw, proxy, [MAIL_CLIENT, EXTERNAL_MTA])
+        # Clients reach master-relay at the VIP; HAProxy answers there.
         proxy.ip(f"addr add {VIP}/32 dev lo")
-        inet.ip(f"route add {LAN} via 198.51.100.2")
         inet.ip(f"route add {VIP}/32 via 198.51.100.6")
-        inet.sysctl("net.ipv4.ip_forward", 1)
 
         self._lans(gw, proxy, relays)
         gw.ip("route add default via 198.51.100.1")
