@@ -11,6 +11,7 @@ then the removal of rules and routes nothing marks for any more. Removal runs
 the other way round.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -78,6 +79,31 @@ def read(filter_backend, kernel=None, sysctl_keys=(), memory=None):
     memory = memory or {}
     keys = set(sysctl_keys) | set(memory.get("sysctls_before", {}))
     return Current(kernel or netlink.read(), filter_backend.read(), sysctl.read(keys), memory)
+
+
+def _rule_key(rule):
+    return (rule.priority, rule.fwmark, rule.fwmask, rule.table)
+
+
+def adopt_rules(kernel, plan, memory):
+    """
+    On kernels that keep no protocol on ip rules (before 4.17, CentOS 7), a
+    rule cannot say it is relayroute's. There the rules relayroute remembers
+    adding (``memory["rules"]``, kept with the restore script) and rules
+    exactly as the plan asks are taken as the owner's; everything else stays
+    another tool's. Elsewhere the kernel's own record is used as it is.
+    """
+    if kernel.rule_protocol:
+        return kernel
+    known = {tuple(key) for key in memory.get("rules", [])}
+    known |= {_rule_key(rule) for rule in plan.rules}
+    rules = tuple(
+        dataclasses.replace(rule, proto=plan.owner.proto)
+        if rule.proto == 0 and not rule.selectors and _rule_key(rule) in known
+        else rule
+        for rule in kernel.rules
+    )
+    return dataclasses.replace(kernel, rules=rules)
 
 
 def owned_rules(kernel, owner):
@@ -217,10 +243,18 @@ def _sysctl_diff(plan, current, result):
 
 
 def memory_after(plan, current):
-    """What to remember once ``plan`` is applied: the first-seen value of each parameter."""
+    """
+    What to remember once ``plan`` is applied: the first-seen value of each
+    kernel parameter, and on kernels without rule protocols the rules added.
+    """
+    memory = {}
     before = current.memory.get("sysctls_before", {})
     kept = {item.key: before.get(item.key, current.sysctls.get(item.key)) for item in plan.sysctls}
-    return {"sysctls_before": kept} if kept else {}
+    if kept:
+        memory["sysctls_before"] = kept
+    if not current.kernel.rule_protocol and plan.rules:
+        memory["rules"] = sorted(list(_rule_key(rule)) for rule in plan.rules)
+    return memory
 
 
 def connmark_moves(plan, have_routes, have_rules):
@@ -318,6 +352,7 @@ def converge(
         memory = persist.load(persist_dir, plan.owner.role)
         keys = [item.key for item in plan.sysctls]
         current = read(filter_backend, kernel, sysctl_keys=keys, memory=memory)
+    current.kernel = adopt_rules(current.kernel, plan, current.memory)
     errors = conflicts(plan, current.kernel, prefix)
     if errors:
         raise InputError(errors)
@@ -340,7 +375,9 @@ def converge(
             filter_written = True
         done += netlink.run_ops(todo.after)
         keys = [item.key for item in plan.sysctls]
-        again = diff(plan, read(filter_backend, sysctl_keys=keys), filter_backend, scope)
+        now = read(filter_backend, sysctl_keys=keys)
+        now.kernel = adopt_rules(now.kernel, plan, current.memory)
+        again = diff(plan, now, filter_backend, scope)
         if again:
             raise RuntimeError(
                 "verification failed: after applying, the kernel still differs from the plan: "

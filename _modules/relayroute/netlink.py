@@ -74,6 +74,8 @@ class KernelState:
     addresses: Tuple[str, ...]  # the host's own IPv4 addresses
     network_interfaces: Tuple[Tuple[str, str], ...] = ()  # (network, interface name)
     default_interface: str = ""  # the main table's default route's interface
+    # Kernels before 4.17 (CentOS 7) keep no protocol on ip rules (FRA_PROTOCOL).
+    rule_protocol: bool = True
 
 
 _RULE_SELECTORS = {
@@ -145,7 +147,10 @@ def read():
     """Dump ip rules, policy-table routes, addresses and links (netlink only)."""
     with IPRoute() as ipr:
         ifnames = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
-        rules = tuple(_rule_from_msg(msg) for msg in ipr.get_rules(family=AF_INET))
+        rule_msgs = list(ipr.get_rules(family=AF_INET))
+        rules = tuple(_rule_from_msg(msg) for msg in rule_msgs)
+        # Kernels with FRA_PROTOCOL report it on every rule, the defaults included.
+        rule_protocol = any(msg.get("FRA_PROTOCOL") is not None for msg in rule_msgs)
         routes = tuple(
             _route_from_msg(msg, ifnames)
             for msg in ipr.route("dump", family=AF_INET)
@@ -164,7 +169,9 @@ def read():
             if not msg["dst_len"] and msg["type"] == RTN_UNICAST and msg.get("RTA_OIF"):
                 default = ifnames.get(msg.get("RTA_OIF"), "")
                 break
-    return KernelState(rules, routes, tuple(networks), tuple(addresses), tuple(on), default)
+    return KernelState(
+        rules, routes, tuple(networks), tuple(addresses), tuple(on), default, rule_protocol
+    )
 
 
 def _route_args(route, ipr):

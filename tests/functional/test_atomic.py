@@ -8,7 +8,7 @@ backend); the kernel state they act on is real.
 import sys
 
 import pytest
-from pyroute2 import AsyncIPRoute
+from pyroute2 import AsyncIPRoute, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tests.functional.test_relay import ARGS, PROXIES, SECOND
@@ -92,3 +92,41 @@ def test_failed_change_keeps_the_previous_relayroute_state(loaders, relay_ns, mo
         )
         assert ret.result is False
         assert relay_ns.snapshot() == before
+
+
+def test_kernel_without_rule_protocols_keeps_ownership_in_memory(
+    loaders, relay_ns, monkeypatch, tmp_path
+):
+    """
+    Kernels before 4.17 (CentOS 7) keep no protocol on ip rules. A test double
+    hides FRA_PROTOCOL from the rule dump, as such a kernel would: relayroute
+    then knows its rules from the plan and from what it remembers on disk.
+    """
+    plant_foreign_state(relay_ns)
+    before = relay_ns.snapshot()
+    dump = IPRoute.__getattr__
+
+    def rules_without_protocol(self, family=None, **kwargs):
+        msgs = list(dump(self, "get_rules")(family=family, **kwargs))
+        for msg in msgs:
+            msg["attrs"] = [attr for attr in msg["attrs"] if attr[0] != "FRA_PROTOCOL"]
+        return msgs
+
+    monkeypatch.setattr(IPRoute, "get_rules", rules_without_protocol, raising=False)
+    persist = str(tmp_path / "relayroute")
+    both = {**ARGS, "proxies": {**PROXIES, **SECOND}}
+    with relay_ns.entered():
+        first = loaders.modules.relayroute.relay_apply(persist_dir=persist, **both)
+        assert "rules" in first["changes"]
+        assert loaders.modules.relayroute.relay_apply(persist_dir=persist, **both) == {
+            "changes": {}
+        }
+        # A proxy leaves the pillar: its rule goes, because relayroute remembers it.
+        fewer = loaders.modules.relayroute.relay_apply(persist_dir=persist, **ARGS)
+        assert fewer["changes"]["rules"]["old"] == [
+            "1000: from all fwmark 0xfe/0xff lookup 1000254 proto 210",
+            "1001: from all fwmark 0xfa/0xff lookup 1000250 proto 210",
+        ]
+        assert "1001:" not in relay_ns.exec("ip rule show").stdout
+        loaders.modules.relayroute.relay_remove(persist_dir=persist)
+    assert relay_ns.snapshot() == before

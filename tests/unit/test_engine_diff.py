@@ -139,3 +139,24 @@ def test_scope_limits_policy_route_diff():
     assert [verb for verb, _ in todo.before] == ["route_replace", "rule_add"]
     assert todo.after == []
     assert todo.transaction is None
+
+
+def test_rules_adopted_by_memory_where_the_kernel_keeps_no_protocol():
+    legacy = netlink.KernelState(
+        (
+            krule(1000, 254, 0xFF, 1000254, 0),
+            krule(1001, 250, 0xFF, 1000250, 0),
+            krule(900, 0x1, 0x1, 51820, 0),
+        ),
+        (),
+        ("192.0.2.0/24",),
+        ("192.0.2.11",),
+        rule_protocol=False,
+    )
+    memory = {"rules": [[1001, 250, 0xFF, 1000250]]}
+    adopted = engine.adopt_rules(legacy, relay_plan(), memory)
+    assert [rule.proto for rule in adopted.rules] == [210, 210, 0]
+    todo = engine.diff(relay_plan(), engine.Current(adopted, iptables.parse_save("")), iptables)
+    assert [(verb, obj.priority) for verb, obj in todo.after] == [("rule_del", 1001)]
+    modern = legacy.__class__(**{**legacy.__dict__, "rule_protocol": True})
+    assert engine.adopt_rules(modern, relay_plan(), memory) is modern
