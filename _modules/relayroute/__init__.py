@@ -334,6 +334,14 @@ def proxy_remove(test=False, backend="iptables", persist_dir=None):
     return _converge(empty, filter_backend, test, persist_dir=persist_dir)
 
 
+def _policy_route_plan(table, gateway, fwmark, priority, fwmask):
+    try:
+        spec = model.policy_route_spec(table, gateway, fwmark, fwmask, priority)
+    except ValueError as err:
+        raise _fail(err) from err
+    return planner.policy_route_plan(spec)
+
+
 def policy_route_apply(table, gateway, fwmark, priority, fwmask=0xFFFFFFFF, test=False):
     """
     Keep one policy route on its own: ``default via GATEWAY table TABLE`` and
@@ -346,13 +354,8 @@ def policy_route_apply(table, gateway, fwmark, priority, fwmask=0xFFFFFFFF, test
 
         salt relay1 relayroute.policy_route_apply 1000254 192.0.2.2 254 1000 fwmask=0xff
     """
-    try:
-        spec = model.policy_route_spec(table, gateway, fwmark, fwmask, priority)
-    except ValueError as err:
-        raise _fail(err) from err
-    wanted = planner.policy_route_plan(spec)
-    filter_backend = _backend("iptables")
-    return _converge(wanted, filter_backend, test, scope=planner.plan_scope(wanted))
+    wanted = _policy_route_plan(table, gateway, fwmark, priority, fwmask)
+    return _converge(wanted, _backend("iptables"), test, scope=planner.plan_scope(wanted))
 
 
 def policy_route_remove(table, gateway, fwmark, priority, fwmask=0xFFFFFFFF, test=False):
@@ -366,14 +369,9 @@ def policy_route_remove(table, gateway, fwmark, priority, fwmask=0xFFFFFFFF, tes
 
         salt relay1 relayroute.policy_route_remove 1000254 192.0.2.2 254 1000 fwmask=0xff
     """
-    try:
-        spec = model.policy_route_spec(table, gateway, fwmark, fwmask, priority)
-    except ValueError as err:
-        raise _fail(err) from err
-    scope = planner.plan_scope(planner.policy_route_plan(spec))
+    scope = planner.plan_scope(_policy_route_plan(table, gateway, fwmark, priority, fwmask))
     empty = planner.empty_plan(planner.POLICY)
-    filter_backend = _backend("iptables")
-    return _converge(empty, filter_backend, test, scope=scope)
+    return _converge(empty, _backend("iptables"), test, scope=scope)
 
 
 def show(role=None, backend="iptables"):

@@ -11,7 +11,6 @@ import time
 import pytest
 
 from tests.support.hosts import plant_foreign_state
-from tests.support.netns import veth
 from tests.unit.test_bad_topologies import load_cases, pillar_for
 
 pytestmark = pytest.mark.root
@@ -37,18 +36,11 @@ def snapshot(ns):
 
 
 @pytest.fixture
-def host(make_netns):
-    """A relay-like namespace on 192.0.2.0/24 holding other tools' state."""
-    relay = make_netns("corpus")
-    lan = make_netns("corpus-lan")
-    veth(relay, "eth0", lan, "eth0")
-    relay.ip("addr add 192.0.2.11/24 dev eth0")
-    lan.ip("addr add 192.0.2.2/24 dev eth0")
-    lan.ip("addr add 192.0.2.3/24 dev eth0")
-    relay.ip("route add default via 192.0.2.1")
-    relay.sysctl("net.ipv4.conf.all.rp_filter", 2)
-    plant_foreign_state(relay)
-    return relay
+def host(relay_ns):
+    """The functional relay namespace, holding other tools' state and loose rp_filter."""
+    relay_ns.sysctl("net.ipv4.conf.all.rp_filter", 2)
+    plant_foreign_state(relay_ns)
+    return relay_ns
 
 
 def host_overlay(tmp_path):
