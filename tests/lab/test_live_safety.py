@@ -10,8 +10,7 @@ import pytest
 
 from tests.support import seedlab
 from tests.support.hosts import plant_foreign_state
-from tests.support.seedlab import report, states_of
-from tests.support.smtp import send_mail
+from tests.support.seedlab import mail_direct, mail_via_vip, report, states_of
 from tests.support.smtphold import HeldSmtpSessions
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
@@ -99,7 +98,6 @@ def test_sessions_in_flight_survive_reapply_and_topology_changes(
 def test_other_tools_state_survives_apply_reapply_and_clean(applied, lab, salt_cli):
     """A Docker-like chain, another connmark user with its own mask, a VPN's rule and table."""
     relay = lab.ns("relay2")
-    address = lab.relay_addresses["relay2"]
     clean = salt_cli.run("state.apply", "relayroute.relay.clean", minion_tgt="relay2")
     assert clean.returncode == 0, clean.stdout
     # The VPN's rule catches only its own mark: a rule catching every connection
@@ -118,21 +116,9 @@ def test_other_tools_state_survives_apply_reapply_and_clean(applied, lab, salt_c
         assert now_lines == foreign_lines
         for line in planted["rules"].splitlines():
             assert line in applied_state["rules"]
-        direct = send_mail(
-            lab.ns("client"),
-            address,
-            25,
-            rcpt_to="postmaster@relay2.lab.example",
-            local_interface=seedlab.EXTERNAL_MTA,
-        )
+        direct = mail_direct(lab, "relay2")
         assert direct.ok, direct.text
-        vip = [
-            send_mail(
-                lab.ns("client"), seedlab.VIP, 25, rcpt_to="someone@example.org",
-                local_interface=seedlab.MAIL_CLIENT,
-            )
-            for _ in range(6)
-        ]  # fmt: skip
+        vip = mail_via_vip(lab, (25,) * 6)
         assert all(result.ok for result in vip), [r.text for r in vip if not r.ok]
         flows = relay.exec("conntrack -L -p tcp --dport 25").stdout
         marks = {

@@ -8,15 +8,13 @@ import pytest
 
 from tests.support import seedlab
 from tests.support.hosts import lose_runtime_state
-from tests.support.seedlab import report
-from tests.support.smtp import send_mail
+from tests.support.seedlab import mail_direct, mail_via_vip, report
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 
 
 def test_boot_restores_both_mail_paths_without_salt(applied, lab):
     relay, proxy = lab.ns("relay1"), lab.ns("master-relay")
-    address = lab.relay_addresses["relay1"]
     before = {name: lab.ns(name).snapshot() for name in ("relay1", "master-relay")}
     applied["haproxy"].stop()
     lose_runtime_state(relay, [1000254])
@@ -34,22 +32,9 @@ def test_boot_restores_both_mail_paths_without_salt(applied, lab):
     for name in ("relay1", "master-relay"):
         assert lab.ns(name).snapshot() == before[name], name
     assert proxy.exec("sysctl -n net.ipv4.ip_nonlocal_bind").stdout.strip() == "1"
-    client = lab.ns("client")
-    direct = send_mail(
-        client,
-        address,
-        25,
-        rcpt_to="postmaster@relay1.lab.example",
-        local_interface=seedlab.EXTERNAL_MTA,
-    )
+    direct = mail_direct(lab, "relay1")
     assert direct.ok, direct.text
-    proxied = [
-        send_mail(
-            client, seedlab.VIP, port, rcpt_to="someone@example.org",
-            local_interface=seedlab.MAIL_CLIENT,
-        )
-        for port in (25, 587, 25, 587, 25, 587)
-    ]  # fmt: skip
+    proxied = mail_via_vip(lab, (25, 587) * 3)
     assert all(result.ok for result in proxied), [r.text for r in proxied if not r.ok]
     flows = relay.exec("conntrack -L -p tcp").stdout
     assert any(seedlab.MAIL_CLIENT in line and "mark=254" in line for line in flows.splitlines())

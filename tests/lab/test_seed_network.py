@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from tests.support import seedlab
-from tests.support.seedlab import OUTSIDER, report, states_of
+from tests.support.seedlab import OUTSIDER, mail_direct, mail_via_vip, report, states_of
 from tests.support.smtp import send_mail
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
@@ -39,29 +39,15 @@ def test_second_highstate_reports_no_changes(applied, salt_cli):
 
 
 def test_direct_and_proxied_mail_both_work(applied, lab, relays_postfix, salt_cli):
-    client = lab.ns("client")
     lines = []
     # Other lab tests may have sent mail already: count only this test's.
     earlier = {name: accepted_from(postfix) for name, postfix in relays_postfix.items()}
-    for name, address in lab.relay_addresses.items():
-        direct = send_mail(
-            client,
-            address,
-            25,
-            rcpt_to=f"postmaster@{name}.lab.example",
-            local_interface=seedlab.EXTERNAL_MTA,
-        )
+    for name in lab.relay_addresses:
+        direct = mail_direct(lab, name)
         assert direct.ok, direct.text
         lines.append(f"external MTA {seedlab.EXTERNAL_MTA} -> {name}:25 direct: {direct.code}")
     for port in (25, 587):
-        for _ in range(VIP_SESSIONS):
-            proxied = send_mail(
-                client,
-                seedlab.VIP,
-                port,
-                rcpt_to="someone@example.org",
-                local_interface=seedlab.MAIL_CLIENT,
-            )
+        for proxied in mail_via_vip(lab, (port,) * VIP_SESSIONS):
             assert proxied.ok, proxied.text
         lines.append(f"mail client {seedlab.MAIL_CLIENT} -> VIP:{port} x{VIP_SESSIONS}: accepted")
     report("mail", lines)

@@ -8,40 +8,21 @@ filter stays strict.
 
 import pytest
 
-from tests.support import seedlab
-from tests.support.seedlab import report
-from tests.support.smtp import send_mail
+from tests.support.seedlab import mail_direct, mail_via_vip, report
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 
 
-def vip_sessions(client, count=6, timeout=20):
-    return [
-        send_mail(
-            client, seedlab.VIP, 25 if index % 2 else 587, rcpt_to="someone@example.org",
-            local_interface=seedlab.MAIL_CLIENT, timeout=timeout,
-        )
-        for index in range(count)
-    ]  # fmt: skip
-
-
 def test_both_paths_with_strict_rp_filter_on_two_interfaces(applied, lab, salt_cli):
-    client = lab.ns("client")
     lines = []
     for name in lab.relay_addresses:
         relay = lab.ns(name)
         assert relay.exec("sysctl -n net.ipv4.conf.px0.rp_filter").stdout.strip() == "1"
         assert relay.exec("sysctl -n net.ipv4.conf.px0.src_valid_mark").stdout.strip() == "1"
         assert relay.exec("sysctl -n net.ipv4.conf.lan0.src_valid_mark").stdout.strip() == "0"
-        direct = send_mail(
-            client,
-            lab.direct_addresses[name],
-            25,
-            rcpt_to=f"postmaster@{name}.lab.example",
-            local_interface=seedlab.EXTERNAL_MTA,
-        )
+        direct = mail_direct(lab, name)
         assert direct.ok, direct.text
-    proxied = vip_sessions(client)
+    proxied = mail_via_vip(lab, (587, 25) * 3)
     assert all(result.ok for result in proxied), [r.text for r in proxied if not r.ok]
     lines.append(
         f"with relayroute: direct to 3 of 3 relays ok; {len(proxied)} of {len(proxied)} "
@@ -51,13 +32,13 @@ def test_both_paths_with_strict_rp_filter_on_two_interfaces(applied, lab, salt_c
     # The control: the same routing, without the mark-aware reverse-path check.
     for name in lab.relay_addresses:
         lab.ns(name).sysctl("net.ipv4.conf.px0.src_valid_mark", 0)
-    failed = vip_sessions(client, count=3, timeout=4)
+    failed = mail_via_vip(lab, (587, 25, 587), timeout=4)
     assert not any(result.ok for result in failed)
     lines.append("src_valid_mark=0 on px0: 3 of 3 sessions through the VIP failed")
 
     again = salt_cli.run("state.highstate", minion_tgt="relay*", _timeout=300)
     assert again.returncode == 0, again.stdout
-    restored = vip_sessions(client)
+    restored = mail_via_vip(lab, (587, 25) * 3)
     assert all(result.ok for result in restored), [r.text for r in restored if not r.ok]
     lines.append(f"highstate puts src_valid_mark back: {len(restored)} of {len(restored)} ok")
     report("rp_filter variant", lines)

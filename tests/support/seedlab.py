@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tests.support.hosts import uplinks
 from tests.support.netns import RUN_PREFIX, Netns, mac_of, run, veth
+from tests.support.smtp import send_mail
 
 MAIL_CLIENT = "203.0.113.10"
 EXTERNAL_MTA = "203.0.113.20"
@@ -259,3 +260,30 @@ def report(title, lines):
     print(f"\n=== {title}")
     for line in lines:
         print(f"  {line}")
+
+
+def mail_direct(lab, name, timeout=20):
+    """One message from the external MTA straight to a relay, for its own domain."""
+    return send_mail(
+        lab.ns("client"),
+        lab.direct_addresses[name],
+        25,
+        rcpt_to=f"postmaster@{name}.lab.example",
+        local_interface=EXTERNAL_MTA,
+        timeout=timeout,
+    )
+
+
+def mail_via_vip(lab, ports, source=MAIL_CLIENT, timeout=20):
+    """One message through the VIP per entry of ``ports``, relayed to an outside domain."""
+    return [
+        send_mail(
+            lab.ns("client"),
+            VIP,
+            port,
+            rcpt_to="someone@example.org",
+            local_interface=source,
+            timeout=timeout,
+        )
+        for port in ports
+    ]
