@@ -64,7 +64,14 @@ def _run(name, func, what, **kwargs):
 
 
 def relay_present(
-    name, lan_networks, mark_mask, proxies, backend="iptables", prefix="", persist_dir=None
+    name,
+    lan_networks,
+    mark_mask,
+    proxies,
+    backend="iptables",
+    prefix="",
+    persist_dir=None,
+    persist=None,
 ):
     """
     Make this relay answer each connection through the gateway it came in by.
@@ -86,6 +93,10 @@ def relay_present(
     persist_dir
         Keep the boot-time restore script there (``relay.restore``), e.g.
         ``/etc/relayroute``.
+    persist
+        The pillar's ``persist`` settings instead: ``dir``, ``mechanism``
+        (``unit``, or ``network-scripts`` for CentOS 7's route-/rule- files and
+        /etc/sysconfig/iptables) and the paths of those files.
     """
     return _run(
         name,
@@ -97,17 +108,19 @@ def relay_present(
         backend=backend,
         prefix=prefix,
         persist_dir=persist_dir,
+        persist=persist,
     )
 
 
-def relay_absent(name, backend="iptables", persist_dir=None):
-    """Remove exactly what relayroute added for the relay role."""
+def relay_absent(name, backend="iptables", persist_dir=None, persist=None):
+    """Remove exactly what relayroute added for the relay role, boot files included."""
     return _run(
         name,
         "relayroute.relay_remove",
         "relay reply routing",
         backend=backend,
         persist_dir=persist_dir,
+        persist=persist,
     )
 
 
@@ -120,6 +133,7 @@ def proxy_present(
     backend="iptables",
     prefix="",
     persist_dir=None,
+    persist=None,
 ):
     """
     Keep the transparent proxy's divert routing: ``-m socket --transparent``
@@ -137,17 +151,19 @@ def proxy_present(
         backend=backend,
         prefix=prefix,
         persist_dir=persist_dir,
+        persist=persist,
     )
 
 
-def proxy_absent(name, backend="iptables", persist_dir=None):
-    """Remove exactly what relayroute added for the proxy role."""
+def proxy_absent(name, backend="iptables", persist_dir=None, persist=None):
+    """Remove exactly what relayroute added for the proxy role, boot files included."""
     return _run(
         name,
         "relayroute.proxy_remove",
         "proxy divert routing",
         backend=backend,
         persist_dir=persist_dir,
+        persist=persist,
     )
 
 

@@ -16,6 +16,7 @@ sync copies the whole tree). Each sub-module has one job:
 - ``iptables``: the packet-filter backend (one read, one transaction)
 - ``netlink``: rules, routes, neighbours and conntrack through pyroute2
 - ``engine``: read, diff, apply, verify, roll back
+- ``persist``, ``bootfiles``: what the host restores at boot without Salt
 
 :depends: pyroute2 >= 0.9, iptables (nf_tables or legacy) with the mac,
     mark, CONNMARK and socket matches
@@ -43,6 +44,7 @@ if __name__ not in sys.modules:
     sys.modules[__name__] = _placeholder
 
 from . import engine, model, netlink, planner, topology  # noqa: E402
+from . import persist as persistence  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,22 @@ def _resolve_proxies(spec, kernel, prefix, resolve=True):
     return dataclasses.replace(spec, proxies=tuple(proxies)), sorted(interfaces)
 
 
-def _converge(plan_, filter_backend, test, prefix="", scope=None, persist_dir=None, kernel=None):
+def _persist_target(persist, persist_dir, prefix):
+    """The :class:`persist.Target` from ``persist`` settings (None: not kept)."""
+    settings = dict(persist or {})
+    if persist_dir:
+        settings.setdefault("dir", persist_dir)
+    errors = model._Errors(prefix)
+    topology.persist(settings, errors, "persist")
+    if errors.items:
+        raise SaltInvocationError("; ".join(errors.items))
+    if not settings.get("dir") or settings.get("enabled") is False:
+        return None
+    fields = {f.name for f in dataclasses.fields(persistence.Target)}
+    return persistence.Target(**{k: v for k, v in settings.items() if k in fields})
+
+
+def _converge(plan_, filter_backend, test, prefix="", scope=None, target=None, kernel=None):
     try:
         return engine.converge(
             plan_,
@@ -144,7 +161,7 @@ def _converge(plan_, filter_backend, test, prefix="", scope=None, persist_dir=No
             test=test,
             prefix=prefix,
             scope=scope,
-            persist_dir=persist_dir or None,
+            persist_target=target,
             kernel=kernel,
         )
     except (ValueError, RuntimeError, OSError) as err:
@@ -233,6 +250,7 @@ def relay_apply(
     backend="iptables",
     prefix="",
     persist_dir=None,
+    persist=None,
 ):
     """
     Put a relay's reply routing in place: per proxy a table whose default
@@ -256,6 +274,14 @@ def relay_apply(
         Keep the boot-time restore script (``relay.restore``) and the values
         of kernel parameters before relayroute changed them here, e.g.
         ``/etc/relayroute``; the ``relayroute-relay`` systemd unit runs it.
+    persist
+        The pillar's ``persist`` settings, e.g. ``{dir: /etc/relayroute,
+        mechanism: network-scripts}``: with ``network-scripts`` (CentOS 7) the
+        routes and rules go to ``route-<dev>``/``rule-<dev>`` blocks, the chains
+        to ``/etc/sysconfig/iptables`` and kernel parameters to a sysctl.d
+        drop-in instead of the restore script. A host that would not restore
+        them at boot (no iptables.service, firewalld enabled) is refused
+        before anything changes.
 
     CLI Example:
 
@@ -267,17 +293,18 @@ def relay_apply(
     spec = _relay_spec(lan_networks, mark_mask, proxies, prefix)
     filter_backend = _backend(backend)
     kernel = _kernel()
+    target = _persist_target(persist, persist_dir, prefix)
     spec, interfaces = _resolve_proxies(spec, kernel, prefix)
     relay = planner.relay_plan(spec, mark_aware_interfaces=interfaces)
-    return _converge(relay, filter_backend, test, prefix, persist_dir=persist_dir, kernel=kernel)
+    return _converge(relay, filter_backend, test, prefix, target=target, kernel=kernel)
 
 
-def relay_remove(test=False, backend="iptables", persist_dir=None):
+def relay_remove(test=False, backend="iptables", persist_dir=None, persist=None):
     """
     Remove everything relayroute added for the relay role: its mangle chains
-    and jumps, its ip rules and its table routes; with ``persist_dir``, its
-    restore script, and kernel parameters get their earlier values back.
-    Nothing else is touched.
+    and jumps, its ip rules and its table routes; with ``persist_dir`` (or
+    ``persist``), its boot files and blocks, and kernel parameters get their
+    earlier values back. Nothing else is touched.
 
     CLI Example:
 
@@ -286,8 +313,10 @@ def relay_remove(test=False, backend="iptables", persist_dir=None):
         salt relay1 relayroute.relay_remove
     """
     filter_backend = _backend(backend)
+    # Removal cleans the boot files even where persistence is now switched off.
+    target = _persist_target({**(persist or {}), "enabled": True}, persist_dir, "")
     empty = planner.empty_plan(planner.RELAY)
-    return _converge(empty, filter_backend, test, persist_dir=persist_dir)
+    return _converge(empty, filter_backend, test, target=target)
 
 
 def proxy_apply(
@@ -299,12 +328,14 @@ def proxy_apply(
     backend="iptables",
     prefix="",
     persist_dir=None,
+    persist=None,
 ):
     """
     Put the transparent proxy's divert routing in place: packets of local
     transparent sockets (``-m socket --transparent``) get ``divert_mark``,
     ``ip rule fwmark MARK/MASK lookup divert_table``, and
-    ``local 0.0.0.0/0 dev lo`` in that table.
+    ``local 0.0.0.0/0 dev lo`` in that table. ``persist_dir``/``persist`` as
+    for :func:`relay_apply` (with ``network-scripts``: ``route-lo``/``rule-lo``).
 
     CLI Example:
 
@@ -314,12 +345,11 @@ def proxy_apply(
     """
     spec = _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix)
     filter_backend = _backend(backend)
-    return _converge(
-        planner.proxy_plan(spec), filter_backend, test, prefix, persist_dir=persist_dir
-    )
+    target = _persist_target(persist, persist_dir, prefix)
+    return _converge(planner.proxy_plan(spec), filter_backend, test, prefix, target=target)
 
 
-def proxy_remove(test=False, backend="iptables", persist_dir=None):
+def proxy_remove(test=False, backend="iptables", persist_dir=None, persist=None):
     """
     Remove everything relayroute added for the proxy role.
 
@@ -330,8 +360,10 @@ def proxy_remove(test=False, backend="iptables", persist_dir=None):
         salt master-relay relayroute.proxy_remove
     """
     filter_backend = _backend(backend)
+    # Removal cleans the boot files even where persistence is now switched off.
+    target = _persist_target({**(persist or {}), "enabled": True}, persist_dir, "")
     empty = planner.empty_plan(planner.PROXY)
-    return _converge(empty, filter_backend, test, persist_dir=persist_dir)
+    return _converge(empty, filter_backend, test, target=target)
 
 
 def _policy_route_plan(table, gateway, fwmark, priority, fwmask):

@@ -335,21 +335,23 @@ def converge(
     test=False,
     prefix="",
     scope=None,
-    persist_dir=None,
+    persist_target=None,
     kernel=None,
 ):
     """
     Bring the owner's kernel state to ``plan``. Returns ``{"changes": ...}``;
     with ``test`` nothing is touched and the changes are what would be made.
-    Raises :class:`InputError` for conflicts with other tools (nothing
-    touched) and :class:`ApplyError` when applying fails (rolled back).
+    Raises :class:`InputError` for conflicts with other tools, or a host that
+    cannot restore the plan at boot (nothing touched), and
+    :class:`ApplyError` when applying fails (rolled back).
 
-    With ``persist_dir``, the boot-time restore script and the remembered
-    earlier values are kept there (see :mod:`persist`). ``kernel``: a netlink
-    dump already made for this run, reused.
+    With ``persist_target`` (a :class:`persist.Target`), what the host runs at
+    boot and the remembered earlier values are kept (see :mod:`persist`).
+    ``kernel``: a netlink dump already made for this run, reused.
     """
+    directory = persist_target.dir if persist_target else None
     if current is None:
-        memory = persist.load(persist_dir, plan.owner.role)
+        memory = persist.load(directory, plan.owner.role)
         keys = [item.key for item in plan.sysctls]
         current = read(filter_backend, kernel, sysctl_keys=keys, memory=memory)
     current.kernel = adopt_rules(current.kernel, plan, current.memory)
@@ -357,13 +359,13 @@ def converge(
     if errors:
         raise InputError(errors)
     todo = diff(plan, current, filter_backend, scope)
-    saving = _persist_changes(plan, current, filter_backend, persist_dir)
+    saving = _persist_changes(plan, current, filter_backend, persist_target, prefix)
     if saving:
         todo.changes["persist"] = saving["changes"]
     if test or not (todo or saving):
         return {"changes": todo.changes}
     if not todo:
-        persist.save(persist_dir, plan.owner.role, saving["script"], saving["memory"])
+        _save(persist_target, plan, saving)
         return {"changes": todo.changes}
 
     done = []
@@ -392,23 +394,65 @@ def converge(
             ) from err
         raise ApplyError(f"{err}; the previous state was restored") from err
     if saving:
-        persist.save(persist_dir, plan.owner.role, saving["script"], saving["memory"])
+        _save(persist_target, plan, saving)
     return {"changes": todo.changes}
 
 
-def _persist_changes(plan, current, filter_backend, persist_dir):
-    """What to write to ``persist_dir`` for ``plan``, or None when it is already there."""
-    if not persist_dir:
+def _save(target, plan, saving):
+    persist.write_files(saving["files"])
+    persist.save_memory(target.dir, plan.owner.role, saving["memory"])
+
+
+def _persist_changes(plan, current, filter_backend, target, prefix=""):
+    """
+    What to write for ``plan`` at ``target``: ``{"files": {path: text or None},
+    "memory": {...}, "changes": {path: created|updated|removed}}``, or None
+    when everything is already there. Raises :class:`InputError` when the
+    host could not restore the plan at boot with the chosen mechanism.
+    """
+    if not target:
         return None
-    role = plan.owner.role
-    script = persist.restore_script(plan, filter_backend)
+    try:
+        wanted = persist.boot_files(plan, target, current.kernel, filter_backend)
+    except ValueError as err:
+        raise InputError([f"{_key(prefix, 'persist:mechanism')}: {err}"]) from err
+    remembered = current.memory.get("boot_files", {})
+    for path, kind in remembered.items():
+        wanted.setdefault(path, (kind, None))
+    writes = {}
+    for path, (kind, ours) in wanted.items():
+        old = persist.read_text(path)
+        new = persist.merged(kind, old, ours, plan, filter_backend)
+        if new != old:
+            writes[path] = (kind, old, new)
+    problems = persist.check_host(plan, target, writes, _key(prefix, "persist:mechanism"))
+    if problems:
+        raise InputError(problems)
     memory = memory_after(plan, current)
-    on_disk = persist.read_script(persist_dir, role)
-    if script == on_disk and memory == current.memory:
+    script, memory_path = persist.paths(target.dir, plan.owner.role)
+    # The restore script is always looked after; the other files are
+    # remembered so that a later plan or mechanism without them cleans them.
+    kept = {
+        path: kind for path, (kind, ours) in wanted.items() if ours is not None and path != script
+    }
+    if kept:
+        memory["boot_files"] = kept
+    if not writes and memory == current.memory:
         return None
-    path, _state = persist.paths(persist_dir, role)
-    if script is None:
-        change = {"old": path, "new": None}
-    else:
-        change = {"old": path if on_disk else None, "new": path}
-    return {"script": script, "memory": memory, "changes": change}
+    changes = {
+        path: "removed" if new is None else ("created" if old is None else "updated")
+        for path, (kind, old, new) in writes.items()
+    }
+    if memory != current.memory:
+        changes[memory_path] = (
+            "removed" if not memory else ("updated" if current.memory else "created")
+        )
+    return {
+        "files": {path: new for path, (_kind, _old, new) in writes.items()},
+        "memory": memory,
+        "changes": changes,
+    }
+
+
+def _key(prefix, key):
+    return f"{prefix}:{key}" if prefix else key

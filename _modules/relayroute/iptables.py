@@ -211,6 +211,82 @@ def restore_commands(plan):
     return lines
 
 
+BUILTIN_POLICIES = [f":{name} ACCEPT [0:0]" for name in BUILTIN]
+SAVED_FILE_NOTE = "# relayroute {role}: the {prefix}* chains and jumps to them are managed by Salt"
+
+
+def _owned_saved_line(line, prefix, note):
+    """Whether a line of a saved ruleset's mangle table is the owner's."""
+    words = line.split()
+    if words and words[0].startswith("[") and words[0].endswith("]"):
+        words = words[1:]  # iptables-save -c counters
+    if not words:
+        return False
+    if line.strip() == note:
+        return True
+    if words[0].startswith(":"):
+        return words[0][1:].startswith(prefix)
+    if words[0] == "-A" and len(words) > 1:
+        if words[1].startswith(prefix):
+            return True
+        target = _target(" ".join(words[2:]))
+        return bool(target and target.startswith(prefix))
+    return False
+
+
+def merge_saved(text, plan):
+    """
+    A saved ruleset file (``/etc/sysconfig/iptables``, which iptables.service
+    restores whole at boot) with the owner's chains and jumps replaced by the
+    plan's. Every other line stays byte for byte; the owner's lines go right
+    after the mangle table's chain declarations, so its jumps come first in
+    their built-in chains, as ``-I ... 1`` puts them at runtime. A file without
+    a mangle table gets one. ``text`` None (no file) stays None.
+    """
+    if text is None:
+        return None
+    prefix = plan.owner.chain_prefix
+    note = SAVED_FILE_NOTE.format(role=plan.owner.role, prefix=prefix)
+    chains, jumps = desired(plan)
+    ours = []
+    if chains:
+        ours.append(note)
+        ours += [f":{name} - [0:0]" for name in sorted(chains)]
+        ours += [f"-A {builtin} {spec}" for builtin, spec in jumps]
+        for name in sorted(chains):
+            ours += [f"-A {name} {spec}" for spec in chains[name]]
+    lines = text.splitlines(keepends=True)
+    out = []
+    in_table = found = False
+    insert_at = None
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith("*"):
+            in_table = line[1:] == TABLE
+            found = found or in_table
+            out.append(raw)
+            if in_table:
+                insert_at = len(out)
+            continue
+        if in_table:
+            if line == "COMMIT":
+                in_table = False
+            elif _owned_saved_line(line, prefix, note):
+                continue
+            elif line.startswith(":"):
+                insert_at = len(out) + 1
+        out.append(raw)
+    if ours:
+        block = [line + "\n" for line in ours]
+        if found:
+            out[insert_at:insert_at] = block
+        else:
+            if out and not out[-1].endswith("\n"):
+                out[-1] += "\n"
+            out += [f"*{TABLE}\n", *[p + "\n" for p in BUILTIN_POLICIES], *block, "COMMIT\n"]
+    return "".join(out)
+
+
 def _env():
     env = dict(os.environ)
     env["LC_ALL"] = "C"

@@ -1,21 +1,51 @@
 """
 What relayroute applied, kept on disk so the host restores it at boot without
 Salt, and what it must remember to undo exactly (values of kernel parameters
-before relayroute set them).
+before relayroute set them, rules added on kernels without rule protocols,
+the boot files it wrote).
 
-For each role, in the persist directory (``/etc/relayroute`` by default):
+Two mechanisms (``persist:mechanism``):
 
-- ``<role>.restore``: a POSIX shell script, generated from the plan, that puts
-  the role's routes, rules, kernel parameters and chains back in place. It is
-  idempotent; the ``relayroute-<role>.service`` systemd unit runs it at boot.
-- ``<role>.json``: the kernel parameters' values before relayroute changed them.
+- ``unit`` (Debian, RHEL/Alma 8-9): ``<dir>/<role>.restore``, a POSIX shell
+  script generated from the plan that puts the role's kernel parameters,
+  routes, rules and chains back in place; the ``relayroute-<role>.service``
+  systemd unit (installed by the formula) runs it at boot.
+- ``network-scripts`` (CentOS/RHEL 7): the distribution's own files, see
+  :mod:`bootfiles`: route-/rule-<dev> blocks, the mangle part of
+  ``/etc/sysconfig/iptables`` and a sysctl.d drop-in.
 
-``restore_script`` is pure; ``load``/``save`` touch only those files.
+Either way ``<dir>/<role>.json`` holds the memory. Files of the mechanism not
+in use are cleaned, so switching mechanisms leaves nothing behind.
+``restore_script``, ``boot_files`` and ``merged`` are pure.
 """
 
+import glob
 import json
 import os
 import tempfile
+from dataclasses import dataclass
+
+from . import bootfiles
+
+UNIT = "unit"
+NETWORK_SCRIPTS = "network-scripts"
+MECHANISMS = (UNIT, NETWORK_SCRIPTS)
+# How a boot file is written: whole (relayroute's own file), a marked block in
+# a shared file, or relayroute's chains in a saved ruleset.
+WHOLE, BLOCK, RULESET = "whole", "block", "ruleset"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how a role's state is kept for boot (``persist`` settings)."""
+
+    dir: str
+    mechanism: str = UNIT
+    network_scripts_dir: str = "/etc/sysconfig/network-scripts"
+    iptables_file: str = "/etc/sysconfig/iptables"
+    sysctl_dir: str = "/etc/sysctl.d"
+    systemd_dir: str = "/etc/systemd/system"
+
 
 HEADER = """\
 #!/bin/sh
@@ -26,6 +56,7 @@ set -eu
 
 
 def paths(directory, role):
+    """The restore script's and the memory file's paths."""
     return os.path.join(directory, f"{role}.restore"), os.path.join(directory, f"{role}.json")
 
 
@@ -62,15 +93,6 @@ def load(directory, role):
         return {}
 
 
-def read_script(directory, role):
-    script, _state = paths(directory, role)
-    try:
-        with open(script) as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
-
-
 def _write(path, text, mode):
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
@@ -86,13 +108,111 @@ def _write(path, text, mode):
         raise
 
 
-def save(directory, role, script, memory):
-    """Write (or, for None/empty, remove) the restore script and the memory file."""
-    script_path, state_path = paths(directory, role)
-    remembered = json.dumps(memory, indent=1, sort_keys=True) + "\n" if memory else None
-    for path, content, mode in ((script_path, script, 0o755), (state_path, remembered, 0o600)):
-        if content is None:
+def boot_files(plan, target, kernel, filter_backend):
+    """
+    ``{path: (kind, ours)}``: what ``target``'s mechanism keeps for ``plan``;
+    ``ours`` is the whole text, the block's lines or the plan, and None where
+    relayroute's part must go (the other mechanism's files, an empty plan).
+    """
+    role = plan.owner.role
+    script_path, _memory = paths(target.dir, role)
+    sysctl_path = bootfiles.sysctl_file(target.sysctl_dir, role)
+    if target.mechanism == UNIT:
+        return {script_path: (WHOLE, restore_script(plan, filter_backend))}
+    files = {
+        script_path: (WHOLE, None),
+        sysctl_path: (WHOLE, bootfiles.sysctl_text(plan)),
+        target.iptables_file: (RULESET, plan if plan.chains else None),
+    }
+    for name, lines in bootfiles.network_script_lines(plan, kernel).items():
+        files[os.path.join(target.network_scripts_dir, name)] = (BLOCK, lines)
+    return files
+
+
+def merged(kind, text, ours, plan, filter_backend):
+    """The new content of a boot file (None: no file) from its ``text`` now."""
+    if kind == WHOLE:
+        return ours
+    if kind == BLOCK:
+        return bootfiles.merge_block(text, plan.owner.role, ours)
+    if kind == RULESET:
+        return filter_backend.merge_saved(text, plan if ours is not None else _bare(plan))
+    raise ValueError(f"unknown boot file kind {kind!r}")
+
+
+def _bare(plan):
+    return type(plan)(plan.owner, (), (), ())
+
+
+def read_text(path):
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def _enabled(systemd_dir, unit):
+    return bool(glob.glob(os.path.join(glob.escape(systemd_dir), "*.wants", unit)))
+
+
+def check_host(plan, target, writes, key):
+    """
+    Problems that would keep the boot from restoring ``plan`` with the
+    network-scripts mechanism, each naming ``key`` (the pillar's mechanism key).
+    ``writes``: ``{path: (kind, old text, new text)}``.
+    """
+    if target.mechanism != NETWORK_SCRIPTS or not (plan.routes or plan.rules or plan.chains):
+        return []
+    problems = []
+    for path, (kind, old, _new) in writes.items():
+        route_file = kind == BLOCK and os.path.basename(path).startswith("route-")
+        if route_file and old and bootfiles.uses_address_format(old):
+            problems.append(
+                f"{key}: {path} is in the ADDRESSn= format, in which ifup-routes ignores "
+                "'ip route' lines; convert it to 'ip route' lines, or use mechanism "
+                f"'unit' (got {NETWORK_SCRIPTS!r})"
+            )
+    if plan.chains:
+        if read_text(target.iptables_file) is None:
+            problems.append(
+                f"{key}: {target.iptables_file} does not exist, so nothing restores the "
+                "packet filter at boot; install iptables-services, run 'service iptables "
+                "save' and enable iptables.service, or use mechanism 'unit' "
+                f"(got {NETWORK_SCRIPTS!r})"
+            )
+        elif not _enabled(target.systemd_dir, "iptables.service"):
+            problems.append(
+                f"{key}: iptables.service is not enabled in {target.systemd_dir}, so "
+                f"{target.iptables_file} is not restored at boot; enable it, or use "
+                f"mechanism 'unit' (got {NETWORK_SCRIPTS!r})"
+            )
+        if _enabled(target.systemd_dir, "firewalld.service"):
+            problems.append(
+                f"{key}: firewalld.service is enabled; it flushes the mangle table on every "
+                "start and reload, and relayroute's chains with it; use iptables-services "
+                f"instead (got {NETWORK_SCRIPTS!r})"
+            )
+    return problems
+
+
+def write_files(contents):
+    """Write each ``{path: text}`` atomically; None removes the file."""
+    for path, text in sorted(contents.items()):
+        if text is None:
             if os.path.exists(path):
                 os.unlink(path)
         else:
-            _write(path, content, mode)
+            mode = 0o755 if path.endswith(".restore") else 0o644
+            if os.path.exists(path):
+                mode = os.stat(path).st_mode & 0o7777
+            _write(path, text, mode)
+
+
+def save_memory(directory, role, memory):
+    """Write (or, when empty, remove) the role's memory file."""
+    _script, state_path = paths(directory, role)
+    if memory:
+        _write(state_path, json.dumps(memory, indent=1, sort_keys=True) + "\n", 0o600)
+    elif os.path.exists(state_path):
+        os.unlink(state_path)

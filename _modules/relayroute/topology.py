@@ -244,11 +244,25 @@ def sysctls(values, errors, path):
     return clean
 
 
-PERSIST_KEYS = {"enabled", "dir", "systemd_dir", "wanted_by"}
+PERSIST_KEYS = {
+    "enabled",
+    "dir",
+    "mechanism",
+    "network_scripts_dir",
+    "iptables_file",
+    "sysctl_dir",
+    "systemd_dir",
+    "wanted_by",
+}
+PERSIST_PATHS = ("dir", "network_scripts_dir", "iptables_file", "sysctl_dir", "systemd_dir")
+MECHANISMS = ("unit", "network-scripts")
 
 
 def persist(values, errors, path):
-    """Boot-time persistence: where the restore scripts and the systemd units go."""
+    """
+    Boot-time persistence: the mechanism (``unit`` or ``network-scripts``),
+    where the restore scripts, memory, systemd units and distribution files go.
+    """
     if values is None:
         return
     if not isinstance(values, dict):
@@ -257,7 +271,9 @@ def persist(values, errors, path):
     _unknown(errors, path, values, PERSIST_KEYS)
     if "enabled" in values and not isinstance(values["enabled"], bool):
         errors.add(f"{path}:enabled", values["enabled"], "must be true or false")
-    for key in ("dir", "systemd_dir"):
+    if "mechanism" in values and values["mechanism"] not in MECHANISMS:
+        errors.add(f"{path}:mechanism", values["mechanism"], f"must be one of {list(MECHANISMS)}")
+    for key in PERSIST_PATHS:
         if key in values:
             _absolute_path(values[key], errors, f"{path}:{key}")
     if "wanted_by" in values:

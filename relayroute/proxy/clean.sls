@@ -16,7 +16,7 @@
 
 relayroute-proxy-tproxy-divert-clean:
   relayroute.proxy_absent:
-    - persist_dir: {{ persist.dir }}
+    - persist: {{ persist | json }}
 {{ boot_unit_clean('proxy', persist) }}
 
 {%- for key, value in (saved or {}) | dictsort %}

@@ -50,7 +50,7 @@ relayroute-proxy-tproxy-divert:
     - backend: {{ relayroute.config.backend }}
     - prefix: relayroute:proxy
 {%-   if persist.enabled %}
-    - persist_dir: {{ persist.dir }}
+    - persist: {{ persist | json }}
 {{ boot_unit('proxy', persist) }}
 {%-   endif %}
 

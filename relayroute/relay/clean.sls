@@ -9,5 +9,5 @@
 
 relayroute-relay-policy-routing-clean:
   relayroute.relay_absent:
-    - persist_dir: {{ persist.dir }}
+    - persist: {{ persist | json }}
 {{ boot_unit_clean('relay', persist) }}

@@ -19,7 +19,7 @@ relayroute-relay-policy-routing:
     - backend: {{ relayroute.config.backend }}
     - prefix: relayroute
 {%-   if persist.enabled %}
-    - persist_dir: {{ persist.dir }}
+    - persist: {{ persist | json }}
 {{ boot_unit('relay', persist) }}
 {%-   endif %}
 {%- endif %}

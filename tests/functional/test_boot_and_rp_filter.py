@@ -25,7 +25,7 @@ def test_restore_script_brings_back_what_was_applied(loaders, relay_ns, tmp_path
     persist = tmp_path / "relayroute"
     with relay_ns.entered():
         ret = loaders.modules.relayroute.relay_apply(persist_dir=str(persist), **ARGS)
-        assert ret["changes"]["persist"] == {"old": None, "new": str(persist / "relay.restore")}
+        assert ret["changes"]["persist"] == {str(persist / "relay.restore"): "created"}
         applied = relay_ns.snapshot()
         lose_runtime_state(relay_ns, [1000254])
         assert relay_ns.snapshot() != applied
@@ -38,7 +38,7 @@ def test_restore_script_brings_back_what_was_applied(loaders, relay_ns, tmp_path
             "changes": {}
         }
         gone = loaders.modules.relayroute.relay_remove(persist_dir=str(persist))
-    assert gone["changes"]["persist"] == {"old": str(persist / "relay.restore"), "new": None}
+    assert gone["changes"]["persist"] == {str(persist / "relay.restore"): "removed"}
     assert not (persist / "relay.restore").exists()
 
 

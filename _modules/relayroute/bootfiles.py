@@ -1,0 +1,138 @@
+"""
+Boot persistence through the distribution's own files, the way CentOS/RHEL 7
+brings networking up (``persist:mechanism: network-scripts``):
+
+- ``route-<dev>`` and ``rule-<dev>`` in ``/etc/sysconfig/network-scripts``:
+  when ``<dev>`` comes up, ``ifup-routes`` (network.service, or
+  NetworkManager's dispatcher from ``NetworkManager-dispatcher-routing-rules``)
+  runs ``ip -4 route add LINE`` and ``ip -4 rule add LINE`` for every line
+  that is neither blank nor a comment. relayroute keeps its lines in one
+  marked block per role; the administrator's lines stay byte for byte.
+- ``/etc/sysconfig/iptables``: ``iptables.service`` (iptables-services)
+  restores it at boot. relayroute keeps its chains and jumps in the file's
+  ``*mangle`` table (see ``iptables.merge_saved``); every other line stays.
+- ``/etc/sysctl.d/90-relayroute-<role>.conf``: systemd-sysctl applies it at
+  boot, and its udev rule again for each interface that appears later.
+
+Pure functions over text; the caller reads and writes the files.
+"""
+
+import ipaddress
+import os
+
+BEGIN = "# BEGIN relayroute {role}: managed by Salt, edits here are overwritten"
+END = "# END relayroute {role}"
+# ifup-routes reads a route file in the ADDRESSn=/NETMASKn=/GATEWAYn= format
+# when any line looks like this, and then ignores 'ip route' lines.
+ADDRESS_FORMAT = "ADDRESS"
+
+
+def route_file(directory, dev):
+    return os.path.join(directory, f"route-{dev}")
+
+
+def rule_file(directory, dev):
+    return os.path.join(directory, f"rule-{dev}")
+
+
+def sysctl_file(directory, role):
+    return os.path.join(directory, f"90-relayroute-{role}.conf")
+
+
+def device_of(route, kernel):
+    """The interface a table route leaves by: its ``dev``, or the one on its gateway's network."""
+    if route.dev:
+        return route.dev
+    gateway = ipaddress.IPv4Address(route.gateway)
+    for net, ifname in kernel.network_interfaces:
+        if gateway in ipaddress.IPv4Network(net):
+            return ifname
+    raise ValueError(
+        f"no interface of this host is on the network of gateway {route.gateway} "
+        f"(table {route.table}); its route cannot be kept in a route-<interface> file"
+    )
+
+
+def route_line(route, dev):
+    """A route as ``ip -4 route add`` takes it from a ``route-<dev>`` file."""
+    dst = "default" if route.dst == "0.0.0.0/0" and route.kind == "unicast" else route.dst
+    words = [] if route.kind == "unicast" else [route.kind]
+    words.append(dst)
+    if route.gateway:
+        words += ["via", route.gateway]
+    words += ["dev", dev, "table", str(route.table), "proto", str(route.proto)]
+    return " ".join(words)
+
+
+def rule_line(rule, with_protocol):
+    """
+    A rule as ``ip -4 rule add`` takes it from a ``rule-<dev>`` file. CentOS 7
+    (kernel 3.10, iproute 4.11) knows no rule protocol: the line has none there,
+    and relayroute knows the rule as its own by its memory (engine.adopt_rules).
+    """
+    line = f"priority {rule.priority} fwmark {rule.fwmark:#x}/{rule.fwmask:#x} lookup {rule.table}"
+    return f"{line} proto {rule.proto}" if with_protocol else line
+
+
+def network_script_lines(plan, kernel):
+    """
+    ``{path suffix: [lines]}`` for ``plan``: each table route in the route file
+    of the interface it leaves by, each rule in the rule file of the interface
+    its table's route leaves by (ifup adds them when that interface comes up).
+    Keys are ``route-<dev>``/``rule-<dev>`` file names.
+    """
+    files = {}
+    devices = {}
+    for route in plan.routes:
+        dev = device_of(route, kernel)
+        devices.setdefault(route.table, dev)
+        files.setdefault(f"route-{dev}", []).append(route_line(route, dev))
+    for rule in plan.rules:
+        dev = devices.get(rule.table)
+        if dev is None:
+            raise ValueError(f"rule {rule.line()} looks up table {rule.table}, which has no route")
+        files.setdefault(f"rule-{dev}", []).append(rule_line(rule, kernel.rule_protocol))
+    return files
+
+
+def uses_address_format(text):
+    return any(
+        line.strip().startswith(ADDRESS_FORMAT) and "=" in line for line in text.splitlines()
+    )
+
+
+def merge_block(text, role, lines):
+    """
+    ``text`` (None: no file) with the role's block replaced by ``lines`` (none:
+    the block goes). Everything outside the block stays byte for byte; a file
+    left with nothing but blank lines is removed (None).
+    """
+    begin, end = BEGIN.format(role=role), END.format(role=role)
+    kept = []
+    inside = False
+    for raw in (text or "").splitlines(keepends=True):
+        stripped = raw.rstrip("\n")
+        if stripped == begin:
+            inside = True
+            continue
+        if inside:
+            inside = stripped != end
+            continue
+        kept.append(raw)
+    out = "".join(kept)
+    if lines:
+        if out and not out.endswith("\n"):
+            out += "\n"
+        out += "\n".join([begin, *lines, end]) + "\n"
+    if not out.strip():
+        return None
+    return out
+
+
+def sysctl_text(plan):
+    """The sysctl.d drop-in for the plan's kernel parameters (None: none)."""
+    if not plan.sysctls:
+        return None
+    lines = [f"# relayroute {plan.owner.role}: managed by Salt, edits here are overwritten"]
+    lines += [item.line() for item in plan.sysctls]
+    return "\n".join(lines) + "\n"
