@@ -52,3 +52,32 @@ def relay_ns(make_netns):
     lan.ip("addr add 192.0.2.3/24 dev eth0")
     relay.ip("route add default via 192.0.2.1")
     return relay
+
+
+@pytest.fixture
+def two_legged(make_netns):
+    """
+    The relay reaches the gateway on lan0 (192.0.2.0/25) and the proxy on px0
+    (192.0.2.128/25), with strict reverse-path filtering everywhere.
+    """
+    from tests.support.hosts import DIRECT, PROXIED, RELAY, internet
+    from tests.support.netns import veth
+    from tests.support.tcp import start_server
+
+    client, inet, gw, proxy, relay = (
+        make_netns(name) for name in ("client", "inet", "gw", "proxy", "relay")
+    )
+    internet(client, inet, gw, proxy, DIRECT, PROXIED)
+    veth(gw, "lan0", relay, "lan0")
+    gw.ip("addr add 192.0.2.1/25 dev lan0")
+    relay.ip(f"addr add {RELAY}/25 dev lan0")
+    veth(proxy, "lan0", relay, "px0")
+    proxy.ip("addr add 192.0.2.130/25 dev lan0")
+    relay.ip("addr add 192.0.2.131/25 dev px0")
+    gw.ip("route add 192.0.2.128/25 via 192.0.2.11")
+    relay.ip("route add default via 192.0.2.1")
+    proxy.ip("route add 192.0.2.0/24 via 192.0.2.131")
+    for key in ("all", "default", "lan0", "px0"):
+        relay.sysctl(f"net.ipv4.conf.{key}.rp_filter", 1)
+    start_server(relay, RELAY, 25)
+    return {"client": client, "relay": relay, "proxy": proxy}

@@ -12,13 +12,11 @@ Reboot and reverse-path filtering on the real kernel.
 import pytest
 
 from tests.functional.test_relay import ARGS
-from tests.support.hosts import internet, lose_runtime_state, plant_foreign_state
-from tests.support.netns import mac_of, veth
-from tests.support.tcp import connect, start_server
+from tests.support.hosts import DIRECT, PROXIED, RELAY, lose_runtime_state, plant_foreign_state
+from tests.support.netns import mac_of
+from tests.support.tcp import connect
 
 pytestmark = pytest.mark.root
-
-DIRECT, PROXIED, RELAY = "203.0.113.10", "203.0.113.20", "192.0.2.11"
 
 
 def test_restore_script_brings_back_what_was_applied(loaders, relay_ns, tmp_path):
@@ -53,31 +51,6 @@ def test_restore_script_keeps_other_tools_state(loaders, relay_ns, tmp_path):
     relay_ns.exec("iptables -t mangle -F RELAYROUTE-RELAY-PRE")
     relay_ns.exec(["/bin/sh", str(persist / "relay.restore")])
     assert relay_ns.snapshot() == applied
-
-
-@pytest.fixture
-def two_legged(make_netns):
-    """
-    The relay reaches the gateway on lan0 (192.0.2.0/25) and the proxy on px0
-    (192.0.2.128/25), with strict reverse-path filtering everywhere.
-    """
-    client, inet, gw, proxy, relay = (
-        make_netns(name) for name in ("client", "inet", "gw", "proxy", "relay")
-    )
-    internet(client, inet, gw, proxy, DIRECT, PROXIED)
-    veth(gw, "lan0", relay, "lan0")
-    gw.ip("addr add 192.0.2.1/25 dev lan0")
-    relay.ip(f"addr add {RELAY}/25 dev lan0")
-    veth(proxy, "lan0", relay, "px0")
-    proxy.ip("addr add 192.0.2.130/25 dev lan0")
-    relay.ip("addr add 192.0.2.131/25 dev px0")
-    gw.ip("route add 192.0.2.128/25 via 192.0.2.11")
-    relay.ip("route add default via 192.0.2.1")
-    proxy.ip("route add 192.0.2.0/24 via 192.0.2.131")
-    for key in ("all", "default", "lan0", "px0"):
-        relay.sysctl(f"net.ipv4.conf.{key}.rp_filter", 1)
-    start_server(relay, RELAY, 25)
-    return {"client": client, "relay": relay, "proxy": proxy}
 
 
 def test_strict_rp_filter_on_a_second_interface(loaders, two_legged, tmp_path):

@@ -11,13 +11,11 @@ packets) kills them.
 
 import pytest
 
-from tests.support.hosts import internet
+from tests.support.hosts import DIRECT, PROXIED, RELAY, internet
 from tests.support.netns import mac_of, veth
 from tests.support.tcp import HeldSession, connect, start_server
 
 pytestmark = pytest.mark.root
-
-DIRECT, PROXIED, RELAY = "203.0.113.10", "203.0.113.20", "192.0.2.11"
 
 
 @pytest.fixture

@@ -2,6 +2,10 @@
 
 from tests.support.netns import veth
 
+# The traffic tests' hosts: a client reaching the relay directly, one reaching it
+# through the proxy, and the relay's address.
+DIRECT, PROXIED, RELAY = "203.0.113.10", "203.0.113.20", "192.0.2.11"
+
 # Other tools' packet-filter state: a Docker-like chain, and another connmark
 # user that keeps its own bits (0xff0000) of the mark.
 FOREIGN_MANGLE = "\n".join(
