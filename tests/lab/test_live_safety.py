@@ -25,8 +25,9 @@ SECOND_PROXY = {
 }
 
 
-def highstate(salt_cli, target="*"):
-    ret = salt_cli.run("state.highstate", minion_tgt=target, _timeout=300)
+def highstate(salt_cli, target="*", flags=()):
+    """Run a highstate on ``target``; every state must succeed. Returns the changed state ids."""
+    ret = salt_cli.run(*flags, "state.highstate", minion_tgt=target, _timeout=300)
     assert ret.returncode == 0, ret.stdout
     results = states_of(ret, target)
     for minion, states in results.items():

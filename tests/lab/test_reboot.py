@@ -4,9 +4,14 @@ connection, then run exactly what their boot would run (no Salt): both mail
 paths work again.
 """
 
+import copy
+import os
+from pathlib import Path
+
 import pytest
 
-from tests.support import seedlab
+from tests.lab.test_live_safety import highstate
+from tests.support import rh7boot, seedlab
 from tests.support.hosts import lose_runtime_state
 from tests.support.seedlab import mail_direct, mail_via_vip, report
 
@@ -43,3 +48,89 @@ def test_boot_restores_both_mail_paths_without_salt(applied, lab):
         "after: rules, routes and ruleset identical to before the reboot",
         f"mail: direct to relay1 ok; {len(proxied)} of {len(proxied)} through the VIP ok",
     ])  # fmt: skip
+
+
+# Inside each host's /etc overlay: what a CentOS 7 host keeps in /etc/sysconfig.
+SYSCONFIG = "/etc/relayroute/sysconfig"
+
+
+def as_centos7(lab, name):
+    """
+    The host as a CentOS 7 administrator runs it: iptables-services enabled
+    with the running ruleset saved ('service iptables save'), network-scripts.
+    """
+    ns = lab.ns(name)
+    sysconfig = seedlab.overlay_path(ns, SYSCONFIG)
+    (sysconfig / "network-scripts").mkdir(parents=True, exist_ok=True)
+    (sysconfig / "iptables").write_text(ns.exec("iptables-save").stdout)
+    wants = seedlab.overlay_path(ns, "/etc/systemd/system/basic.target.wants")
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / "iptables.service").symlink_to("/usr/lib/systemd/system/iptables.service")
+    return {
+        "iptables_file": str(sysconfig / "iptables"),
+        "sysctl_dir": str(seedlab.overlay_path(ns, "/etc/sysctl.d")),
+        "network_scripts_dir": str(sysconfig / "network-scripts"),
+    }
+
+
+def test_centos7_boot_from_its_own_files_restores_both_mail_paths(
+    applied, lab, salt_cli, set_pillar, pillar_data
+):
+    """
+    persist mechanism 'network-scripts' (CentOS/RHEL 7's default): a highstate
+    moves relay1's and master-relay's boot state from the relayroute units to
+    route-/rule- files and /etc/sysconfig/iptables; a reboot that runs what
+    CentOS 7's boot runs (tests/support/rh7boot.py) brings both mail paths back.
+    """
+    hosts = ("relay1", "master-relay")
+    relay, proxy = lab.ns("relay1"), lab.ns("master-relay")
+    target = "relay1,master-relay"
+    files = {name: as_centos7(lab, name) for name in hosts}
+    pillar = copy.deepcopy(pillar_data)
+    pillar["relayroute"]["lookup"]["persist"] = {
+        "mechanism": "network-scripts",
+        "network_scripts_dir": f"{SYSCONFIG}/network-scripts",
+        "iptables_file": f"{SYSCONFIG}/iptables",
+    }
+    set_pillar(pillar)
+    try:
+        moved = highstate(salt_cli, target, flags=["-L"])
+        for name in hosts:
+            overlay = seedlab.overlay_path(lab.ns(name), "/etc")
+            assert not list((overlay / "systemd" / "system").glob("relayroute-*.service")), name
+            assert not list((overlay / "relayroute").glob("*.restore")), name
+        scripts = {name: sorted(os.listdir(files[name]["network_scripts_dir"])) for name in hosts}
+        assert scripts == {"relay1": ["route-lan0", "rule-lan0"],
+                           "master-relay": ["route-lo", "rule-lo"]}  # fmt: skip
+        assert highstate(salt_cli, target, flags=["-L"]) == {name: [] for name in hosts}
+        before = {name: lab.ns(name).snapshot() for name in hosts}
+        applied["haproxy"].stop()
+        lose_runtime_state(relay, [1000254])
+        lose_runtime_state(proxy, [100])
+        proxy.sysctl("net.ipv4.ip_nonlocal_bind", 0)
+        lines = []
+        for name, interfaces in (("relay1", ["lan0", "mgmt0"]), ("master-relay", ["lan0"])):
+            ran = rh7boot.boot(lab.ns(name), {**pillar["relayroute"]["lookup"]["persist"],
+                                              **files[name]}, interfaces)  # fmt: skip
+            lines += [f"{name}: {command}" for command in ran]
+        applied["haproxy"].start()
+        for name in hosts:
+            assert lab.ns(name).snapshot() == before[name], name
+        assert proxy.exec("sysctl -n net.ipv4.ip_nonlocal_bind").stdout.strip() == "1"
+        direct = mail_direct(lab, "relay1")
+        assert direct.ok, direct.text
+        proxied = mail_via_vip(lab, (25, 587) * 3)
+        assert all(result.ok for result in proxied), [r.text for r in proxied if not r.ok]
+        report("CentOS 7 boot of relay1 and master-relay from their own files", [
+            f"highstate to mechanism network-scripts: {moved}",
+            *lines,
+            "after: rules, routes and ruleset identical to before the reboot",
+            f"mail: direct to relay1 ok; {len(proxied)} of {len(proxied)} through the VIP ok",
+        ])  # fmt: skip
+    finally:
+        set_pillar(pillar_data)
+        highstate(salt_cli, target, flags=["-L"])
+    for name in hosts:
+        assert not os.listdir(files[name]["network_scripts_dir"]), name
+        saved = Path(files[name]["iptables_file"]).read_text()
+        assert "RELAYROUTE" not in saved, name

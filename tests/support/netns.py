@@ -7,6 +7,7 @@ what the run made (namespaces, processes), also when a test fails.
 import contextlib
 import ctypes
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -161,7 +162,8 @@ class Netns:
 
 def _strip_save_comments(text):
     """
-    iptables-save output without its timestamp comments, and without tables
+    iptables-save output without its timestamp comments and chain counters
+    (traffic, not state: restoring a table zeroes them), and without tables
     that hold nothing (only built-in chains with ACCEPT policy, no rules): the
     first iptables command creates such a table, and it filters nothing.
     """
@@ -169,6 +171,8 @@ def _strip_save_comments(text):
     for line in text.splitlines():
         if line.startswith("#"):
             continue
+        if line.startswith(":"):
+            line = re.sub(r" \[\d+:\d+\]$", " [0:0]", line)
         if line.startswith("*"):
             current = [line]
             tables.append(current)

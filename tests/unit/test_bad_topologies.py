@@ -109,12 +109,13 @@ def _merge_recurse(dest, upd):
     return result
 
 
-def as_map_jinja(pillar):
-    """What relayroute/map.jinja hands to the validation on a Debian 12 minion."""
+def as_map_jinja(pillar, os_family="Debian", osfinger="Debian-12"):
+    """What relayroute/map.jinja hands to the validation (a Debian 12 minion by default)."""
+    family = yaml.safe_load((PARAMETERS / "os_family" / f"{os_family}.yaml").read_text())
     layers = [
         yaml.safe_load((PARAMETERS / "defaults.yaml").read_text())["values"],
-        yaml.safe_load((PARAMETERS / "os_family" / "Debian.yaml").read_text()).get("values", {}),
-        yaml.safe_load((PARAMETERS / "osfinger.yaml").read_text()).get("Debian-12") or {},
+        family.get("values", {}),
+        yaml.safe_load((PARAMETERS / "osfinger.yaml").read_text()).get(osfinger) or {},
     ]
     from_pillar = pillar.get("relayroute", {})
     config = {}
@@ -188,6 +189,24 @@ def test_bad_topology_is_refused_naming_key_and_value(case):
 def test_bad_topology_is_refused_after_the_formula_defaults(case):
     """The same through map.jinja's layers (defaults, os_family, osfinger, lookup, pillar)."""
     _check_refused(topology.topology(as_map_jinja(pillar_for(case)), MINION), case)
+
+
+@pytest.mark.parametrize(
+    ("os_family", "osfinger", "mechanism"),
+    [
+        ("Debian", "Debian-12", "unit"),
+        ("RedHat", "AlmaLinux-9", "unit"),
+        ("RedHat", "CentOS Linux-7", "network-scripts"),
+        ("RedHat", "Red Hat Enterprise Linux Server-7", "network-scripts"),
+    ],
+)
+def test_boot_persistence_follows_the_distribution(os_family, osfinger, mechanism):
+    config = as_map_jinja(pillar_for({"patch": {}}), os_family, osfinger)
+    assert config["persist"]["mechanism"] == mechanism
+    assert topology.topology(config, MINION)["errors"] == []
+    # An operator can still choose, per host, through pillar relayroute:lookup.
+    lookup = {"patch": {"relayroute": {"lookup": {"persist": {"mechanism": "unit"}}}}}
+    assert as_map_jinja(pillar_for(lookup), os_family, osfinger)["persist"]["mechanism"] == "unit"
 
 
 def test_validation_is_pure():
