@@ -86,7 +86,19 @@ base:
 """
 
 
-def pillar_sls(proxy_mac):
+# --mechanism network-scripts: CentOS 7's files, inside the namespace's /etc overlay.
+SYSCONFIG = "/etc/relayroute/sysconfig"
+NETWORK_SCRIPTS_PILLAR = f"""\
+  lookup:
+    persist:
+      mechanism: network-scripts
+      network_scripts_dir: {SYSCONFIG}/network-scripts
+      iptables_file: {SYSCONFIG}/iptables
+"""
+
+
+def pillar_sls(proxy_mac, mechanism="unit"):
+    extra = NETWORK_SCRIPTS_PILLAR if mechanism == "network-scripts" else ""
     return f"""\
 relayroute:
   lan_networks:
@@ -102,7 +114,7 @@ relayroute:
   relays:
     relay1:
       address: 192.0.2.11
-"""
+{extra}"""
 
 
 def minion_config(tmp, tree, pillar):
@@ -387,7 +399,7 @@ def _changes(states):
 # the environment
 
 
-def build(stack, tmp):
+def build(stack, tmp, mechanism="unit"):
     """Namespaces, /etc/netns overlay, formula tree, pillar and minion config."""
     relay = stack.enter_context(_netns(f"{NS_PREFIX}relay"))
     lan = stack.enter_context(_netns(f"{NS_PREFIX}lan"))
@@ -398,11 +410,22 @@ def build(stack, tmp):
     relay.ip("route add default via 192.0.2.1")
 
     # ip netns exec bind-mounts /etc/netns/NS/* over /etc/*: an empty
-    # resolv.conf keeps Salt's lookups from waiting on an unreachable resolver.
+    # resolv.conf keeps Salt's lookups from waiting on an unreachable resolver,
+    # and what the formula persists for boot stays in the overlay, off the host.
     overlay = NETNS_ETC / relay.name
     stack.callback(shutil.rmtree, overlay, ignore_errors=True)
     overlay.mkdir(parents=True, exist_ok=True)
     (overlay / "resolv.conf").write_text("")
+    for sub in ("relayroute", "systemd", "sysctl.d"):
+        (overlay / sub).mkdir()
+    if mechanism == "network-scripts":
+        # A CentOS 7 host: iptables-services enabled, the ruleset saved.
+        sysconfig = overlay / "relayroute" / "sysconfig"
+        (sysconfig / "network-scripts").mkdir(parents=True)
+        (sysconfig / "iptables").write_text(relay.exec("iptables-save").stdout)
+        wants = overlay / "systemd" / "system" / "basic.target.wants"
+        wants.mkdir(parents=True)
+        (wants / "iptables.service").symlink_to("/usr/lib/systemd/system/iptables.service")
 
     tree = tmp / "file-roots"
     tree.mkdir()
@@ -414,7 +437,7 @@ def build(stack, tmp):
     pillar = tmp / "pillar"
     pillar.mkdir()
     (pillar / "top.sls").write_text(PILLAR_TOP)
-    (pillar / "relayroute.sls").write_text(pillar_sls(mac_of(lan, "eth0")))
+    (pillar / "relayroute.sls").write_text(pillar_sls(mac_of(lan, "eth0"), mechanism))
 
     confdir = tmp / "conf"
     confdir.mkdir()
@@ -595,7 +618,8 @@ def print_report(report, elapsed):
     lines = [
         "",
         f"relayroute re-apply benchmark: {report['runs']} runs of each, medians "
-        f"(namespaces {report['prefix']}-*, {report['salt_calls']} salt-calls)",
+        f"(namespaces {report['prefix']}-*, {report['salt_calls']} salt-calls, "
+        f"persist mechanism {report['mechanism']})",
         "",
         f"{'':34}{'wall s':>9}{'cpu s':>9}{'execs':>7}{'forks':>7}",
     ]
@@ -652,6 +676,12 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=5, help="runs of each kind (default 5)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every salt-call")
+    parser.add_argument(
+        "--mechanism",
+        choices=("unit", "network-scripts"),
+        default="unit",
+        help="persist mechanism of the formula (default unit; network-scripts: CentOS 7's files)",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -674,12 +704,13 @@ def main(argv=None):
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
             # Belt and braces: no namespace of this run survives it.
             stack.callback(_remove_leftovers)
-            relay, confdir, workdir = build(stack, tmp)
+            relay, confdir, workdir = build(stack, tmp, args.mechanism)
             log(f"relay namespace {relay.name}, salt config {confdir}")
             bench = Relay(relay, confdir, workdir, verbose=args.verbose)
             results, work, work_traced, violations = measure(bench, args.runs, log)
             report = analyse(results, work, work_traced, violations)
             report["salt_calls"] = bench.calls
+            report["mechanism"] = args.mechanism
             report["elapsed_s"] = round(time.monotonic() - started, 1)
     except KeyboardInterrupt:
         print("bench: interrupted; cleaned up", file=sys.stderr)
