@@ -418,6 +418,12 @@ def build(stack, tmp, mechanism="unit"):
     (overlay / "resolv.conf").write_text("")
     for sub in ("relayroute", "systemd", "sysctl.d"):
         (overlay / sub).mkdir()
+    # ip netns exec binds an overlay only over a directory that exists: an
+    # empty mount point, removed at exit when this run made it (and still empty).
+    mount_point = Path("/etc/relayroute")
+    if not mount_point.exists():
+        mount_point.mkdir()
+        stack.callback(_remove_empty_dir, mount_point)
     if mechanism == "network-scripts":
         # A CentOS 7 host: iptables-services enabled, the ruleset saved.
         sysconfig = overlay / "relayroute" / "sysconfig"
@@ -445,6 +451,11 @@ def build(stack, tmp, mechanism="unit"):
     workdir = tmp / "work"
     workdir.mkdir()
     return relay, confdir, workdir
+
+
+def _remove_empty_dir(path):
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 @contextlib.contextmanager
