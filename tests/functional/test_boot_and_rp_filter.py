@@ -12,7 +12,14 @@ Reboot and reverse-path filtering on the real kernel.
 import pytest
 
 from tests.functional.test_relay import ARGS
-from tests.support.hosts import DIRECT, PROXIED, RELAY, lose_runtime_state, plant_foreign_state
+from tests.support.hosts import (
+    DIRECT,
+    PROXIED,
+    RELAY,
+    lose_runtime_state,
+    plant_foreign_state,
+    two_legged_args,
+)
 from tests.support.netns import mac_of
 from tests.support.tcp import connect
 
@@ -56,20 +63,7 @@ def test_restore_script_keeps_other_tools_state(loaders, relay_ns, tmp_path):
 def test_strict_rp_filter_on_a_second_interface(loaders, two_legged, tmp_path):
     relay = two_legged["relay"]
     persist = str(tmp_path / "relayroute")
-    args = {
-        "lan_networks": ["192.0.2.0/25", "192.0.2.128/25"],
-        "mark_mask": 0xFF,
-        "proxies": {
-            "master-relay": {
-                "address": "192.0.2.130",
-                "mac": mac_of(two_legged["proxy"], "lan0"),
-                "mark": 254,
-                "table": 1000254,
-                "priority": 1000,
-            }
-        },
-        "persist_dir": persist,
-    }
+    args = {**two_legged_args(mac_of(two_legged["proxy"], "lan0")), "persist_dir": persist}
     valid_mark = "sysctl -n net.ipv4.conf.px0.src_valid_mark"
     with relay.entered():
         ret = loaders.modules.relayroute.relay_apply(**args)

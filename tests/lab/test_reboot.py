@@ -18,23 +18,25 @@ from tests.support.seedlab import mail_direct, mail_via_vip, report
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 
 
-def test_boot_restores_both_mail_paths_without_salt(applied, lab):
+HOSTS = ("relay1", "master-relay")
+
+
+def reboot_and_mail(applied, lab, boot, title, extra=()):
+    """
+    relay1 and master-relay lose their runtime state, ``boot(name)`` runs what
+    that host's boot runs (returning the commands); then the state must be
+    identical to before and both mail paths must work.
+    """
     relay, proxy = lab.ns("relay1"), lab.ns("master-relay")
-    before = {name: lab.ns(name).snapshot() for name in ("relay1", "master-relay")}
+    before = {name: lab.ns(name).snapshot() for name in HOSTS}
     applied["haproxy"].stop()
     lose_runtime_state(relay, [1000254])
     lose_runtime_state(proxy, [100])
     proxy.sysctl("net.ipv4.ip_nonlocal_bind", 0)
-    lines = []
-    for name in ("relay1", "master-relay"):
-        commands = lab.boot_commands(name)
-        assert commands, f"{name} has nothing to run at boot"
-        for command in commands:
-            lab.ns(name).exec(command)
-            lines.append(f"{name}: {' '.join(command)}")
+    lines = [f"{name}: {command}" for name in HOSTS for command in boot(name)]
     # HAProxy's own unit starts after relayroute's (Before=haproxy.service).
     applied["haproxy"].start()
-    for name in ("relay1", "master-relay"):
+    for name in HOSTS:
         assert lab.ns(name).snapshot() == before[name], name
     assert proxy.exec("sysctl -n net.ipv4.ip_nonlocal_bind").stdout.strip() == "1"
     direct = mail_direct(lab, "relay1")
@@ -43,11 +45,23 @@ def test_boot_restores_both_mail_paths_without_salt(applied, lab):
     assert all(result.ok for result in proxied), [r.text for r in proxied if not r.ok]
     flows = relay.exec("conntrack -L -p tcp").stdout
     assert any(seedlab.MAIL_CLIENT in line and "mark=254" in line for line in flows.splitlines())
-    report("reboot of relay1 and master-relay, restored without Salt", [
+    report(title, [
+        *extra,
         *lines,
         "after: rules, routes and ruleset identical to before the reboot",
         f"mail: direct to relay1 ok; {len(proxied)} of {len(proxied)} through the VIP ok",
     ])  # fmt: skip
+
+
+def test_boot_restores_both_mail_paths_without_salt(applied, lab):
+    def boot(name):
+        commands = lab.boot_commands(name)
+        assert commands, f"{name} has nothing to run at boot"
+        for command in commands:
+            lab.ns(name).exec(command)
+        return [" ".join(command) for command in commands]
+
+    reboot_and_mail(applied, lab, boot, "reboot of relay1 and master-relay, restored without Salt")
 
 
 # Inside each host's /etc overlay: what a CentOS 7 host keeps in /etc/sysconfig.
@@ -82,10 +96,8 @@ def test_centos7_boot_from_its_own_files_restores_both_mail_paths(
     route-/rule- files and /etc/sysconfig/iptables; a reboot that runs what
     CentOS 7's boot runs (tests/support/rh7boot.py) brings both mail paths back.
     """
-    hosts = ("relay1", "master-relay")
-    relay, proxy = lab.ns("relay1"), lab.ns("master-relay")
-    target = "relay1,master-relay"
-    files = {name: as_centos7(lab, name) for name in hosts}
+    target = ",".join(HOSTS)
+    files = {name: as_centos7(lab, name) for name in HOSTS}
     pillar = copy.deepcopy(pillar_data)
     pillar["relayroute"]["lookup"]["persist"] = {
         "mechanism": "network-scripts",
@@ -95,42 +107,27 @@ def test_centos7_boot_from_its_own_files_restores_both_mail_paths(
     set_pillar(pillar)
     try:
         moved = highstate(salt_cli, target, flags=["-L"])
-        for name in hosts:
+        for name in HOSTS:
             overlay = seedlab.overlay_path(lab.ns(name), "/etc")
             assert not list((overlay / "systemd" / "system").glob("relayroute-*.service")), name
             assert not list((overlay / "relayroute").glob("*.restore")), name
-        scripts = {name: sorted(os.listdir(files[name]["network_scripts_dir"])) for name in hosts}
+        scripts = {name: sorted(os.listdir(files[name]["network_scripts_dir"])) for name in HOSTS}
         assert scripts == {"relay1": ["route-lan0", "rule-lan0"],
                            "master-relay": ["route-lo", "rule-lo"]}  # fmt: skip
-        assert highstate(salt_cli, target, flags=["-L"]) == {name: [] for name in hosts}
-        before = {name: lab.ns(name).snapshot() for name in hosts}
-        applied["haproxy"].stop()
-        lose_runtime_state(relay, [1000254])
-        lose_runtime_state(proxy, [100])
-        proxy.sysctl("net.ipv4.ip_nonlocal_bind", 0)
-        lines = []
-        for name, interfaces in (("relay1", ["lan0", "mgmt0"]), ("master-relay", ["lan0"])):
-            ran = rh7boot.boot(lab.ns(name), {**pillar["relayroute"]["lookup"]["persist"],
-                                              **files[name]}, interfaces)  # fmt: skip
-            lines += [f"{name}: {command}" for command in ran]
-        applied["haproxy"].start()
-        for name in hosts:
-            assert lab.ns(name).snapshot() == before[name], name
-        assert proxy.exec("sysctl -n net.ipv4.ip_nonlocal_bind").stdout.strip() == "1"
-        direct = mail_direct(lab, "relay1")
-        assert direct.ok, direct.text
-        proxied = mail_via_vip(lab, (25, 587) * 3)
-        assert all(result.ok for result in proxied), [r.text for r in proxied if not r.ok]
-        report("CentOS 7 boot of relay1 and master-relay from their own files", [
-            f"highstate to mechanism network-scripts: {moved}",
-            *lines,
-            "after: rules, routes and ruleset identical to before the reboot",
-            f"mail: direct to relay1 ok; {len(proxied)} of {len(proxied)} through the VIP ok",
-        ])  # fmt: skip
+        assert highstate(salt_cli, target, flags=["-L"]) == {name: [] for name in HOSTS}
+        interfaces = {"relay1": ["lan0", "mgmt0"], "master-relay": ["lan0"]}
+        persist = pillar["relayroute"]["lookup"]["persist"]
+        reboot_and_mail(
+            applied,
+            lab,
+            lambda name: rh7boot.boot(lab.ns(name), {**persist, **files[name]}, interfaces[name]),
+            "CentOS 7 boot of relay1 and master-relay from their own files",
+            [f"highstate to mechanism network-scripts: {moved}"],
+        )
     finally:
         set_pillar(pillar_data)
         highstate(salt_cli, target, flags=["-L"])
-    for name in hosts:
+    for name in HOSTS:
         assert not os.listdir(files[name]["network_scripts_dir"]), name
         saved = Path(files[name]["iptables_file"]).read_text()
         assert "RELAYROUTE" not in saved, name

@@ -29,10 +29,11 @@ def plant_foreign_state(ns, vpn_fwmark="0x10000/0xff0000", gateway="192.0.2.1"):
     ns.ip(f"rule add priority 900 fwmark {vpn_fwmark} lookup 51820")
 
 
-def lose_runtime_state(ns, tables):
-    """What a reboot loses: mangle rules and marks, policy rules and tables, conntrack."""
-    ns.exec("iptables -t mangle -F")
-    ns.exec("iptables -t mangle -X")
+def lose_runtime_state(ns, tables, filter_tables=("mangle",)):
+    """What a reboot loses: packet-filter tables, policy rules and tables, conntrack."""
+    for table in filter_tables:
+        ns.exec(f"iptables -t {table} -F")
+        ns.exec(f"iptables -t {table} -X")
     for line in ns.exec("ip -4 rule show").stdout.splitlines():
         priority = line.split(":")[0]
         if priority not in ("0", "32766", "32767"):
@@ -79,3 +80,20 @@ def internet(client, inet, gw, proxy, direct, proxied):
         router.exec("iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP")
     for host in (gw, proxy, inet):
         host.sysctl("net.ipv4.conf.all.rp_filter", 0)
+
+
+def two_legged_args(proxy_mac):
+    """relay_apply's arguments for the relay of the two-legged fixture (proxy on px0)."""
+    return {
+        "lan_networks": ["192.0.2.0/25", "192.0.2.128/25"],
+        "mark_mask": 0xFF,
+        "proxies": {
+            "master-relay": {
+                "address": "192.0.2.130",
+                "mac": proxy_mac,
+                "mark": 254,
+                "table": 1000254,
+                "priority": 1000,
+            }
+        },
+    }
