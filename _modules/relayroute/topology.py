@@ -11,6 +11,7 @@ import ipaddress
 import re
 
 from . import iptables, model
+from . import persist as persist_mechanisms
 
 SYSCTL_KEY = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
 # Removed from Linux 4.12; setting it fails there and breaks NAT'd clients before.
@@ -255,7 +256,7 @@ PERSIST_KEYS = {
     "wanted_by",
 }
 PERSIST_PATHS = ("dir", "network_scripts_dir", "iptables_file", "sysctl_dir", "systemd_dir")
-MECHANISMS = ("unit", "network-scripts")
+MECHANISMS = persist_mechanisms.MECHANISMS
 
 
 def persist(values, errors, path):
