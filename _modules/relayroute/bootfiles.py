@@ -17,6 +17,7 @@ brings networking up (``persist:mechanism: network-scripts``):
 Pure functions over text; the caller reads and writes the files.
 """
 
+import dataclasses
 import ipaddress
 import os
 
@@ -54,14 +55,8 @@ def device_of(route, kernel):
 
 
 def route_line(route, dev):
-    """A route as ``ip -4 route add`` takes it from a ``route-<dev>`` file."""
-    dst = "default" if route.dst == "0.0.0.0/0" and route.kind == "unicast" else route.dst
-    words = [] if route.kind == "unicast" else [route.kind]
-    words.append(dst)
-    if route.gateway:
-        words += ["via", route.gateway]
-    words += ["dev", dev, "table", str(route.table), "proto", str(route.proto)]
-    return " ".join(words)
+    """A route as ``ip -4 route add`` takes it from a ``route-<dev>`` file (``dev`` named)."""
+    return dataclasses.replace(route, dev=dev).line()
 
 
 def rule_line(rule, with_protocol):

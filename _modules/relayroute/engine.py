@@ -419,13 +419,12 @@ def _persist_changes(plan, current, filter_backend, target, prefix=""):
     remembered = current.memory.get("boot_files", {})
     for path, kind in remembered.items():
         wanted.setdefault(path, (kind, None))
-    writes = {}
+    files = {}
     for path, (kind, ours) in wanted.items():
         old = persist.read_text(path)
-        new = persist.merged(kind, old, ours, plan, filter_backend)
-        if new != old:
-            writes[path] = (kind, old, new)
-    problems = persist.check_host(plan, target, writes, _key(prefix, "persist:mechanism"))
+        files[path] = (kind, old, persist.merged(kind, old, ours, plan, filter_backend))
+    writes = {path: item for path, item in files.items() if item[2] != item[1]}
+    problems = persist.check_host(plan, target, files, _key(prefix, "persist:mechanism"))
     if problems:
         raise InputError(problems)
     memory = memory_after(plan, current)

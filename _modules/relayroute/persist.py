@@ -25,7 +25,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from . import bootfiles
+from . import bootfiles, planner
 
 UNIT = "unit"
 NETWORK_SCRIPTS = "network-scripts"
@@ -70,10 +70,7 @@ def restore_script(plan, filter_backend):
     lines.append("# Policy tables first, then the rules that use them")
     lines += [f"ip -4 route replace {route.line()}" for route in plan.routes]
     for rule in plan.rules:
-        spec = (
-            f"priority {rule.priority} fwmark {rule.fwmark:#x}/{rule.fwmask:#x} "
-            f"lookup {rule.table} proto {rule.proto}"
-        )
+        spec = bootfiles.rule_line(rule, with_protocol=True)
         lines.append(f"ip -4 rule del {spec} 2>/dev/null || true")
         lines.append(f"ip -4 rule add {spec}")
     lines.append("# The packet filter last: marking starts once routes and rules exist")
@@ -136,12 +133,10 @@ def merged(kind, text, ours, plan, filter_backend):
     if kind == BLOCK:
         return bootfiles.merge_block(text, plan.owner.role, ours)
     if kind == RULESET:
-        return filter_backend.merge_saved(text, plan if ours is not None else _bare(plan))
+        return filter_backend.merge_saved(
+            text, plan if ours is not None else planner.empty_plan(plan.owner)
+        )
     raise ValueError(f"unknown boot file kind {kind!r}")
-
-
-def _bare(plan):
-    return type(plan)(plan.owner, (), (), ())
 
 
 def read_text(path):
@@ -156,25 +151,25 @@ def _enabled(systemd_dir, unit):
     return bool(glob.glob(os.path.join(glob.escape(systemd_dir), "*.wants", unit)))
 
 
-def check_host(plan, target, writes, key):
+def check_host(plan, target, files, key):
     """
     Problems that would keep the boot from restoring ``plan`` with the
     network-scripts mechanism, each naming ``key`` (the pillar's mechanism key).
-    ``writes``: ``{path: (kind, old text, new text)}``.
+    ``files``: every boot file as ``{path: (kind, old text, new text)}``.
     """
     if target.mechanism != NETWORK_SCRIPTS or not (plan.routes or plan.rules or plan.chains):
         return []
     problems = []
-    for path, (kind, old, _new) in writes.items():
+    for path, (kind, old, new) in files.items():
         route_file = kind == BLOCK and os.path.basename(path).startswith("route-")
-        if route_file and old and bootfiles.uses_address_format(old):
+        if route_file and old and new != old and bootfiles.uses_address_format(old):
             problems.append(
                 f"{key}: {path} is in the ADDRESSn= format, in which ifup-routes ignores "
                 "'ip route' lines; convert it to 'ip route' lines, or use mechanism "
                 f"'unit' (got {NETWORK_SCRIPTS!r})"
             )
     if plan.chains:
-        if read_text(target.iptables_file) is None:
+        if files[target.iptables_file][1] is None:
             problems.append(
                 f"{key}: {target.iptables_file} does not exist, so nothing restores the "
                 "packet filter at boot; install iptables-services, run 'service iptables "
