@@ -91,6 +91,23 @@ def _ports(value, errors, path, allowed=None):
     return ports
 
 
+def _settings(values, errors, path, what, known):
+    """A mapping of settings with only ``known`` keys; None when absent or not a mapping."""
+    if values is None:
+        return None
+    if not isinstance(values, dict):
+        errors.add(path, values, f"must be a mapping of {what}")
+        return None
+    _unknown(errors, path, values, known)
+    return values
+
+
+def _booleans(values, keys, errors, path):
+    for key in keys:
+        if key in values and not isinstance(values[key], bool):
+            errors.add(f"{path}:{key}", values[key], "must be true or false")
+
+
 def _mapping(value, errors, path, what):
     if not isinstance(value, dict) or not value:
         errors.add(path, value, f"must be a non-empty mapping of {what} keyed by minion id")
@@ -185,15 +202,10 @@ def _time(value, errors, path):
 
 def haproxy(values, errors, path):
     """Validate HAProxy's settings: known keys, types; values are one line each."""
+    values = _settings(values, errors, path, "HAProxy settings", HAPROXY_KEYS)
     if values is None:
         return
-    if not isinstance(values, dict):
-        errors.add(path, values, "must be a mapping of HAProxy settings")
-        return
-    _unknown(errors, path, values, HAPROXY_KEYS)
-    for key in ("manage_pkg", "manage_service"):
-        if key in values and not isinstance(values[key], bool):
-            errors.add(f"{path}:{key}", values[key], "must be true or false")
+    _booleans(values, ("manage_pkg", "manage_service"), errors, path)
     for key in ("pkg", "service", "binary", "log", "balance"):
         if key in values:
             _word(values[key], errors, f"{path}:{key}")
@@ -264,14 +276,10 @@ def persist(values, errors, path):
     Boot-time persistence: the mechanism (``unit`` or ``network-scripts``),
     where the restore scripts, memory, systemd units and distribution files go.
     """
+    values = _settings(values, errors, path, "persistence settings", PERSIST_KEYS)
     if values is None:
         return
-    if not isinstance(values, dict):
-        errors.add(path, values, "must be a mapping of persistence settings")
-        return
-    _unknown(errors, path, values, PERSIST_KEYS)
-    if "enabled" in values and not isinstance(values["enabled"], bool):
-        errors.add(f"{path}:enabled", values["enabled"], "must be true or false")
+    _booleans(values, ("enabled",), errors, path)
     if "mechanism" in values and values["mechanism"] not in MECHANISMS:
         errors.add(f"{path}:mechanism", values["mechanism"], f"must be one of {list(MECHANISMS)}")
     for key in PERSIST_PATHS:
