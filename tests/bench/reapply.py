@@ -52,6 +52,7 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.support import rh7boot  # noqa: E402
 from tests.support.netns import (  # noqa: E402
     RUN_PREFIX,
     Netns,
@@ -425,13 +426,11 @@ def build(stack, tmp, mechanism="unit"):
         mount_point.mkdir()
         stack.callback(_remove_empty_dir, mount_point)
     if mechanism == "network-scripts":
-        # A CentOS 7 host: iptables-services enabled, the ruleset saved.
-        sysconfig = overlay / "relayroute" / "sysconfig"
-        (sysconfig / "network-scripts").mkdir(parents=True)
-        (sysconfig / "iptables").write_text(relay.exec("iptables-save").stdout)
-        wants = overlay / "systemd" / "system" / "basic.target.wants"
-        wants.mkdir(parents=True)
-        (wants / "iptables.service").symlink_to("/usr/lib/systemd/system/iptables.service")
+        rh7boot.prepare_host(
+            overlay / "relayroute" / "sysconfig",
+            overlay / "systemd" / "system",
+            relay.exec("iptables-save").stdout,
+        )
 
     tree = tmp / "file-roots"
     tree.mkdir()

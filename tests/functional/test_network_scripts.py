@@ -29,14 +29,10 @@ def rh7(tmp_path):
     """A CentOS 7 host's files, under ``tmp_path``: the ``persist`` settings and the originals."""
     sysconfig = tmp_path / "sysconfig"
     scripts = sysconfig / "network-scripts"
-    scripts.mkdir(parents=True)
+    rh7boot.prepare_host(sysconfig, tmp_path / "systemd", ADMIN_IPTABLES)
     (scripts / "ifcfg-eth0").write_text("DEVICE=eth0\nBOOTPROTO=none\nONBOOT=yes\n")
     (scripts / "route-eth0").write_text(ADMIN_ROUTES)
-    (sysconfig / "iptables").write_text(ADMIN_IPTABLES)
     (tmp_path / "sysctl.d").mkdir()
-    wants = tmp_path / "systemd" / "basic.target.wants"
-    wants.mkdir(parents=True)
-    (wants / "iptables.service").symlink_to("/usr/lib/systemd/system/iptables.service")
     return {
         "dir": str(tmp_path / "relayroute"),
         "mechanism": "network-scripts",

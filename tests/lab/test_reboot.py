@@ -75,11 +75,8 @@ def as_centos7(lab, name):
     """
     ns = lab.ns(name)
     sysconfig = seedlab.overlay_path(ns, SYSCONFIG)
-    (sysconfig / "network-scripts").mkdir(parents=True, exist_ok=True)
-    (sysconfig / "iptables").write_text(ns.exec("iptables-save").stdout)
-    wants = seedlab.overlay_path(ns, "/etc/systemd/system/basic.target.wants")
-    wants.mkdir(parents=True, exist_ok=True)
-    (wants / "iptables.service").symlink_to("/usr/lib/systemd/system/iptables.service")
+    systemd = seedlab.overlay_path(ns, "/etc/systemd/system")
+    rh7boot.prepare_host(sysconfig, systemd, ns.exec("iptables-save").stdout)
     return {
         "iptables_file": str(sysconfig / "iptables"),
         "sysctl_dir": str(seedlab.overlay_path(ns, "/etc/sysctl.d")),

@@ -48,6 +48,20 @@ COMMIT
 SKIPPED = re.compile(r"^\s*(#.*)?$")
 
 
+def prepare_host(sysconfig, systemd_system, saved_ruleset):
+    """
+    A CentOS 7 host with iptables-services, as relayroute's network-scripts
+    mechanism needs it: ``sysconfig/network-scripts``, the ruleset saved in
+    ``sysconfig/iptables`` ('service iptables save') and iptables.service
+    enabled in ``systemd_system``.
+    """
+    (sysconfig / "network-scripts").mkdir(parents=True, exist_ok=True)
+    (sysconfig / "iptables").write_text(saved_ruleset)
+    wants = systemd_system / "basic.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / "iptables.service").symlink_to("/usr/lib/systemd/system/iptables.service")
+
+
 def ifup_routes_commands(network_scripts, dev):
     """The ``ip`` commands ifup-routes runs for ``dev``."""
     commands = []
