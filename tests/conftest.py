@@ -1,6 +1,6 @@
 """
 Shared fixtures. The engine's pure sub-modules are importable as ``relayroute.*``
-(the ``_modules/relayroute`` package) for unit tests that need neither root nor Salt.
+(the ``_modules/relayroute_core`` package) for unit tests that need neither root nor Salt.
 """
 
 import os

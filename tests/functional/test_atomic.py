@@ -23,7 +23,7 @@ def loaded(loaders, suffix):
     return next(
         mod
         for name, mod in sys.modules.items()
-        if name.endswith(f".relayroute.{suffix}") and mod is not None
+        if name.endswith(f".relayroute_core.{suffix}") and mod is not None
     )
 
 

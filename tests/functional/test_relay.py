@@ -196,7 +196,7 @@ def test_failed_transaction_rolls_back_netlink_changes(loaders, relay_ns, monkey
         backend = next(
             mod
             for name, mod in sys.modules.items()
-            if name.endswith(".relayroute.iptables") and hasattr(mod, "apply")
+            if name.endswith(".relayroute_core.iptables") and hasattr(mod, "apply")
         )
 
         def failing_apply(payload):

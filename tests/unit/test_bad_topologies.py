@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relayroute import topology
+from relayroute_core import topology
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "data" / "bad_topologies.yaml"

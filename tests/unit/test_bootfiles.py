@@ -6,7 +6,7 @@ everything of the administrator's in those files stays byte for byte. Pure.
 
 import pytest
 
-from relayroute import bootfiles, iptables, model, netlink, planner
+from relayroute_core import bootfiles, iptables, model, netlink, planner
 from tests.support.rh7boot import ADMIN_SAVED_RULESET
 from tests.unit.test_plan_iptables import SEED_LINES, seed_spec
 

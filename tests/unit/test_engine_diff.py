@@ -1,7 +1,7 @@
 """The engine's diff and conflict checks over plain data: pure, no root."""
 
-from relayroute import engine, iptables, model, netlink, planner
-from relayroute.planner import Route
+from relayroute_core import engine, iptables, model, netlink, planner
+from relayroute_core.planner import Route
 
 MAC = "02:00:c0:00:02:02"
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from relayroute import model
+from relayroute_core import model
 
 GOOD_PROXY = {"address": "192.0.2.2", "mark": 254, "table": 1000254, "priority": 1000}
 

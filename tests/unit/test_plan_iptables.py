@@ -1,6 +1,6 @@
 """Planning and the iptables backend's rendering and transactions: pure, no root."""
 
-from relayroute import iptables, model, planner
+from relayroute_core import iptables, model, planner
 
 MAC = "02:00:c0:00:02:02"
 MAC2 = "02:00:c0:00:02:03"

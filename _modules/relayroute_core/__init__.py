@@ -6,7 +6,7 @@ whose first packet arrives from a master-relay's MAC get that proxy's mark,
 kept in the connmark, and their replies take a routing table whose default
 route is the proxy. The HAProxy box itself gets the kernel's TPROXY divert.
 
-This module is a package: Salt's loader loads ``_modules/relayroute/`` as the
+This module is a package: Salt's loader loads ``_modules/relayroute_core/`` as the
 ``relayroute`` execution module and ``saltutil.sync_modules`` carries its
 sub-modules along (the loader imports a directory with ``__init__.py`` and the
 sync copies the whole tree). Each sub-module has one job:
