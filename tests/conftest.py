@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The engine's sources stay free of __pycache__: the SPM package is built from
+# this tree (FORMULA's files list) and must hold sources only.
+sys.dont_write_bytecode = True
 sys.path.insert(0, str(ROOT / "_modules"))
 sys.path.insert(0, str(ROOT))
 
