@@ -126,7 +126,7 @@ def relay_absent(name, backend="iptables", persist_dir=None, persist=None):
 
 def proxy_present(
     name,
-    divert_mark=1,
+    divert_mark=None,
     divert_table=100,
     divert_priority=100,
     mark_mask=0xFF,
@@ -138,7 +138,8 @@ def proxy_present(
     """
     Keep the transparent proxy's divert routing: ``-m socket --transparent``
     packets get ``divert_mark``, which routes them to the local stack through
-    ``local 0.0.0.0/0 dev lo table divert_table``.
+    ``local 0.0.0.0/0 dev lo table divert_table``. ``divert_mark`` defaults
+    to the lowest bit of ``mark_mask``.
     """
     return _run(
         name,

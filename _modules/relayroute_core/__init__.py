@@ -320,7 +320,7 @@ def relay_remove(test=False, backend="iptables", persist_dir=None, persist=None)
 
 
 def proxy_apply(
-    divert_mark=1,
+    divert_mark=None,
     divert_table=100,
     divert_priority=100,
     mark_mask=0xFF,
@@ -336,6 +336,8 @@ def proxy_apply(
     ``ip rule fwmark MARK/MASK lookup divert_table``, and
     ``local 0.0.0.0/0 dev lo`` in that table. ``persist_dir``/``persist`` as
     for :func:`relay_apply` (with ``network-scripts``: ``route-lo``/``rule-lo``).
+    ``divert_mark`` defaults to the lowest bit of ``mark_mask`` (1 for 0xff,
+    0x10 for 0xf0).
 
     CLI Example:
 

@@ -284,14 +284,25 @@ def relay_spec(lan_networks, mark_mask, proxies, prefix=""):
     return RelaySpec(tuple(nets), mask, tuple(sorted(parsed, key=lambda p: p.priority)))
 
 
-def proxy_spec(divert_mark=1, divert_table=100, divert_priority=100, mark_mask=0xFF, prefix=""):
+def lowest_mark(mask):
+    """The smallest non-zero mark within ``mask``: its lowest set bit (0x10 for 0xf0)."""
+    return mask & -mask
+
+
+def proxy_spec(divert_mark=None, divert_table=100, divert_priority=100, mark_mask=0xFF, prefix=""):
     """
     Validate a proxy box's TPROXY inputs and return a :class:`ProxySpec`.
+
+    ``divert_mark`` defaults to the lowest bit of ``mark_mask`` (1 for 0xff,
+    0x10 for 0xf0), so the default is valid for every valid mask.
     """
     errors = _Errors(prefix)
     mask = to_mask(mark_mask, errors, "mark_mask")
-    mark = to_int(divert_mark, errors, "divert_mark", what="an integer mark")
-    check_mark(mark, mask, errors, "divert_mark", divert_mark)
+    if divert_mark is None:
+        mark = lowest_mark(mask) if mask else None
+    else:
+        mark = to_int(divert_mark, errors, "divert_mark", what="an integer mark")
+        check_mark(mark, mask, errors, "divert_mark", divert_mark)
     table = to_int(divert_table, errors, "divert_table", what="a routing table id")
     check_table(table, errors, "divert_table", divert_table)
     priority = to_int(

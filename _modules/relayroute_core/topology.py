@@ -40,6 +40,7 @@ TOP_KEYS = {
 PROXY_ENTRY_KEYS = {"address", "mac", "mark", "table", "priority", "vip"}
 RELAY_ENTRY_KEYS = {"address", "ports"}
 PROXY_ROLE_KEYS = {
+    "mark_mask",
     "divert_mark",
     "divert_table",
     "divert_priority",
@@ -80,13 +81,18 @@ def _ports(value, errors, path, allowed=None):
         errors.add(path, value, "must be a non-empty list of TCP ports")
         return []
     ports = []
+    first = {}  # port number: index of its first item
     for index, port in enumerate(value):
         number = model.to_int(port, errors, f"{path}:{index}", 1, 65535, "a TCP port")
         if number is None:
             continue
         if allowed is not None and number not in allowed:
             errors.add(f"{path}:{index}", port, f"is not one of ports {allowed}")
-        elif number not in ports:
+        elif number in first:
+            # One frontend per port: a repeated port is a typo, not a wish.
+            errors.add(f"{path}:{index}", port, f"repeats port {number} (item {first[number]})")
+        else:
+            first[number] = index
             ports.append(number)
     return ports
 
@@ -429,17 +435,23 @@ def topology(config, minion_id=None):
         errors.add("proxy", role, "must be a mapping of proxy-role settings")
         role = {}
     _unknown(errors, "proxy", role, PROXY_ROLE_KEYS)
+    # The proxy box has mark users of its own: its mask is proxy:mark_mask, by
+    # default the relays' mark_mask, and its divert mark, unless written, the
+    # lowest bit of that mask (a default valid for every valid mask).
+    own_mask = "mark_mask" in role
     try:
         proxy_spec = model.proxy_spec(
-            role.get("divert_mark", 1),
+            role.get("divert_mark"),
             role.get("divert_table", 100),
             role.get("divert_priority", 100),
-            config.get("mark_mask", 0xFF),
+            role["mark_mask"] if own_mask else config.get("mark_mask", 0xFF),
             "relayroute:proxy",
         )
     except model.InputError as err:
-        # relay_spec has reported a bad mark_mask already, under its own path.
-        errors.items += [e for e in err.errors if not e.startswith("relayroute:proxy:mark_mask:")]
+        # Without a mask of its own, relay_spec has reported a bad mark_mask already.
+        errors.items += [
+            e for e in err.errors if own_mask or not e.startswith("relayroute:proxy:mark_mask:")
+        ]
         proxy_spec = None
     clean_sysctls = sysctls(role.get("sysctls"), errors, "proxy:sysctls")
     for key in ("sysctl_config", "sysctl_saved"):

@@ -177,3 +177,28 @@ def test_tcp_tw_recycle_is_refused_and_nothing_changes(loaders, proxy_ns, tmp_pa
         state["name"] + state["comment"]
     )
     assert not (tmp_path / "haproxy" / "haproxy.cfg").exists()
+
+
+def test_a_mask_other_than_0xff_needs_no_divert_mark(loaders, proxy_ns, tmp_path):
+    """mark_mask 0xf0, proxy marks 0x20/0x30, no divert_mark: the divert takes 0x10."""
+    data = pillar(tmp_path)
+    data["relayroute"]["mark_mask"] = 0xF0
+    data["relayroute"]["proxies"][MINION]["mark"] = 0x20
+    data["relayroute"]["proxies"]["master-relay-2"] = {
+        "address": "192.0.2.3",
+        "mark": 0x30,
+        "table": 1000250,
+        "vip": "198.51.100.26",
+    }
+    with proxy_ns.entered():
+        before = proxy_ns.snapshot()
+        applied = apply_sls(loaders, "relayroute.proxy", data)
+        assert all(state["result"] is True for state in applied.values()), applied
+        assert "-A RELAYROUTE-PROXY-DIVERT -j MARK --set-xmark 0x10/0xf0" in mangle_rules(proxy_ns)
+        rules = proxy_ns.exec("ip rule").stdout
+        assert "100:\tfrom all fwmark 0x10/0xf0 lookup 100 proto 211" in rules
+        again = apply_sls(loaders, "relayroute.proxy", data)
+        assert all(state["changes"] == {} for state in again.values()), again
+        clean = apply_sls(loaders, "relayroute.proxy.clean", data)
+        assert all(state["result"] is True for state in clean.values()), clean
+        assert proxy_ns.snapshot() == before

@@ -230,3 +230,42 @@ def test_policy_route_states_stand_alone(loaders, relay_ns):
 def test_flows_show_marks(loaders, relay_ns):
     with relay_ns.entered():
         assert loaders.modules.relayroute.flows(mark_mask=0xFF, port=25) == []
+
+
+def test_formula_relay_role_with_a_mask_other_than_0xff(loaders, relay_ns, tmp_path):
+    """The relay component under mark_mask 0xf0: marks, masks and rules follow the mask."""
+    pillar = {
+        "relayroute": {
+            "lan_networks": ["192.0.2.0/24"],
+            "mark_mask": 0xF0,
+            "proxies": {
+                "master-relay": {**PROXIES["master-relay"], "mark": 0x20, "vip": "198.51.100.25"},
+                "master-relay-2": {
+                    **SECOND["master-relay-2"],
+                    "mark": 0x30,
+                    "vip": "198.51.100.26",
+                },
+            },
+            "relays": {"relayroute-functional": {"address": "192.0.2.11"}},
+            "persist": {"dir": str(tmp_path / "relayroute"), "systemd_dir": str(tmp_path / "sd")},
+        }
+    }
+    with relay_ns.entered():
+        ret = loaders.modules.state.sls("relayroute.relay", pillar=pillar)
+        states = list(ret.raw.values())
+        assert states, ret.raw
+        assert all(state["result"] is True for state in states), ret.raw
+        rules = relay_ns.exec("ip rule show").stdout
+        assert "1000:\tfrom all fwmark 0x20/0xf0 lookup 1000254 proto 210" in rules
+        assert "1001:\tfrom all fwmark 0x30/0xf0 lookup 1000250 proto 210" in rules
+        mangle = mangle_rules(relay_ns)
+        assert (
+            "-A RELAYROUTE-RELAY-PRE -j CONNMARK --restore-mark --nfmask 0xf0 --ctmask 0xf0"
+            in mangle
+        )
+        assert (
+            f"-A RELAYROUTE-RELAY-PRE -m mac --mac-source {MAC} -j MARK --set-xmark 0x20/0xf0"
+            in (mangle)
+        )
+        again = loaders.modules.state.sls("relayroute.relay", pillar=pillar)
+        assert all(state["changes"] == {} for state in again.raw.values()), again.raw

@@ -221,7 +221,7 @@ def test_validation_is_pure():
 
 
 def test_relay_ports_are_normalised_for_haproxy():
-    case = {"patch": {"relayroute": {"relays": {"relay3": {"ports": ["25", 25]}}}}}
+    case = {"patch": {"relayroute": {"relays": {"relay3": {"ports": ["25"]}}}}}
     result = topology.topology(pillar_for(case)["relayroute"], MINION)
     assert result["errors"] == []
     assert result["proxy"]["relays"][2] == {
@@ -229,6 +229,44 @@ def test_relay_ports_are_normalised_for_haproxy():
         "address": "192.0.2.13",
         "ports": [25],
     }
+
+
+def test_a_port_repeated_in_another_spelling_is_still_a_repeat():
+    case = {"patch": {"relayroute": {"ports": [25, 587, "25"]}}}
+    result = topology.topology(pillar_for(case)["relayroute"], MINION)
+    assert result["errors"] == ["relayroute:ports:2: repeats port 25 (item 0) (got '25')"]
+
+
+# A mask other than 0xff: the proxy role's defaults follow it.
+MASKED = {
+    "patch": {
+        "relayroute": {
+            "mark_mask": 0xF0,
+            "proxies": {MINION: {"mark": 0x20}, "master-relay-2": {"mark": 0x30}},
+            "proxy": "__delete__",
+        }
+    }
+}
+
+
+def test_a_valid_mask_needs_no_proxy_section():
+    """Marks 0x20 and 0x30 under 0xf0, no 'proxy:' at all: the divert mark is 0x10."""
+    for config in (pillar_for(MASKED)["relayroute"], as_map_jinja(pillar_for(MASKED))):
+        result = topology.topology(config, MINION)
+        assert result["errors"] == []
+        assert result["relay"]["mark_mask"] == 0xF0
+        assert result["proxy"]["mark_mask"] == 0xF0
+        assert result["proxy"]["divert_mark"] == 0x10
+        assert topology.topology(config, "relay1")["errors"] == []
+
+
+def test_the_proxy_role_may_have_a_mask_of_its_own():
+    """The proxy box's other mark users are not the relays': proxy:mark_mask."""
+    case = {"patch": {"relayroute": {"proxy": {"mark_mask": 0xF000, "divert_mark": "__delete__"}}}}
+    own = topology.topology(as_map_jinja(pillar_for(case)), MINION)
+    assert own["errors"] == []
+    assert (own["proxy"]["mark_mask"], own["proxy"]["divert_mark"]) == (0xF000, 0x1000)
+    assert own["relay"]["mark_mask"] == 0xFF
 
 
 def test_addresses_are_normalised_before_comparing():

@@ -111,6 +111,9 @@ def test_all_errors_reported_at_once_with_prefix():
 def test_proxy_spec_defaults_and_errors():
     spec = model.proxy_spec()
     assert (spec.divert_mark, spec.divert_table, spec.divert_priority) == (1, 100, 100)
+    # The default divert mark is the mask's lowest bit, valid for every mask.
+    for mask, mark in ((0xF0, 0x10), (0xFF00, 0x100), (0x80000000, 0x80000000), (0x6, 0x2)):
+        assert model.proxy_spec(mark_mask=mask).divert_mark == mark
     with pytest.raises(
         model.InputError, match="divert_table: is the kernel's reserved 'local' table \\(got 255\\)"
     ):
