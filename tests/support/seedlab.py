@@ -128,7 +128,9 @@ class SeedLab:
                     }
                 },
                 "relays": {name: {"address": a} for name, a in self.relay_addresses.items()},
-                "proxy": {"haproxy": {"timeouts": {"client": "30s", "server": "30s"}}},
+                # Wider than the longest a lab test holds sessions open (HELD_WINDOW_MAX
+                # in test_live_safety): no idle timer of HAProxy's ends one.
+                "proxy": {"haproxy": {"timeouts": {"client": "10m", "server": "10m"}}},
                 # The lab runs HAProxy itself (no init system in a namespace) and has
                 # no shared /run/haproxy: one stats socket path would collide. Saved
                 # sysctls go to a directory each host has of its own (/etc/netns).
