@@ -16,6 +16,20 @@
            ['relayroute:proxies: has no entry for this minion id ' ~ grains['id']]) }}
 {%- else %}
 
+# The divert first: when the host refuses it, nothing else of the role runs.
+relayroute-proxy-tproxy-divert:
+  relayroute.proxy_present:
+    - divert_mark: {{ proxy.divert_mark }}
+    - divert_table: {{ proxy.divert_table }}
+    - divert_priority: {{ proxy.divert_priority }}
+    - mark_mask: {{ proxy.mark_mask }}
+    - backend: {{ relayroute.config.backend }}
+    - prefix: relayroute:proxy
+{%-   if persist.enabled %}
+    - persist: {{ persist | json }}
+{{ boot_unit('proxy', persist, 'relayroute-proxy-tproxy-divert') }}
+{%-   endif %}
+
 {%-   set saved = {} %}
 {%-   for key in proxy.sysctls %}
 {%-     do saved.update({key: salt['file.read']('/proc/sys/' ~ key.replace('.', '/')) | trim}) %}
@@ -29,6 +43,8 @@ relayroute-proxy-sysctl-saved:
     - replace: false
     - makedirs: true
     - mode: '0600'
+    - require:
+      - relayroute: relayroute-proxy-tproxy-divert
 
 {%-   for key, value in proxy.sysctls | dictsort %}
 
@@ -41,24 +57,13 @@ relayroute-proxy-sysctl-{{ key }}:
       - file: relayroute-proxy-sysctl-saved
 {%-   endfor %}
 
-relayroute-proxy-tproxy-divert:
-  relayroute.proxy_present:
-    - divert_mark: {{ proxy.divert_mark }}
-    - divert_table: {{ proxy.divert_table }}
-    - divert_priority: {{ proxy.divert_priority }}
-    - mark_mask: {{ proxy.mark_mask }}
-    - backend: {{ relayroute.config.backend }}
-    - prefix: relayroute:proxy
-{%-   if persist.enabled %}
-    - persist: {{ persist | json }}
-{{ boot_unit('proxy', persist) }}
-{%-   endif %}
-
 {%-   if haproxy.manage_pkg %}
 
 relayroute-proxy-haproxy-pkg:
   pkg.installed:
     - name: {{ haproxy.pkg }}
+    - require:
+      - relayroute: relayroute-proxy-tproxy-divert
     - require_in:
       - file: relayroute-proxy-haproxy-config
 {%-   endif %}
@@ -72,6 +77,8 @@ relayroute-proxy-haproxy-config:
     - makedirs: true
     # HAProxy validates the new file before it replaces the running one.
     - check_cmd: {{ haproxy.binary }} -c -f
+    - require:
+      - relayroute: relayroute-proxy-tproxy-divert
     - context:
         proxy: {{ proxy | json }}
         haproxy: {{ haproxy | json }}

@@ -20,6 +20,6 @@ relayroute-relay-policy-routing:
     - prefix: relayroute
 {%-   if persist.enabled %}
     - persist: {{ persist | json }}
-{{ boot_unit('relay', persist) }}
+{{ boot_unit('relay', persist, 'relayroute-relay-policy-routing') }}
 {%-   endif %}
 {%- endif %}

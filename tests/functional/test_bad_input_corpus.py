@@ -131,3 +131,100 @@ def test_every_bad_topology_is_refused_and_changes_nothing(loaders, host, tmp_pa
     assert not failures, "\n".join(failures)
     assert tried == len(CASES)
     assert tried >= 40
+
+
+# Valid pillars this host refuses: its checks run before any change, and a
+# refused role writes nothing either, its boot unit and restore script included.
+HOST_REFUSALS = [
+    (
+        "relay",
+        "table holds another tool's routes",
+        {"relayroute": {"proxies": {"master-relay-2": {"table": 51820}}}},
+        "relayroute:proxies:master-relay-2:table: table 51820 already holds another tool's route",
+    ),
+    (
+        "relay",
+        "proxy in a declared LAN but on no connected network",
+        {
+            "relayroute": {
+                "lan_networks": ["192.0.2.0/24", "203.0.113.0/24"],
+                "proxies": {"master-relay-2": {"address": "203.0.113.3"}},
+            }
+        },
+        "relayroute:proxies:master-relay-2:address: is not on a connected network",
+    ),
+    (
+        "relay",
+        "priority taken by another tool's rule",
+        {"relayroute": {"proxies": {"master-relay-2": {"priority": 900}}}},
+        "relayroute:proxies:master-relay-2:priority: priority 900 is already used",
+    ),
+    (
+        "proxy",
+        "divert table holds another tool's routes",
+        {"relayroute": {"proxy": {"divert_table": 51820}}},
+        "table 51820 already holds another tool's route",
+    ),
+    (
+        "proxy",
+        "divert priority taken by another tool's rule",
+        {"relayroute": {"proxy": {"divert_priority": 900}}},
+        "priority 900 is already used",
+    ),
+]
+
+
+def files_under(root):
+    """Every file and link below ``root`` with its content (links: their target)."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            found[str(path.relative_to(root))] = f"-> {path.readlink()}"
+        elif path.is_file():
+            found[str(path.relative_to(root))] = path.read_bytes()
+    return found
+
+
+@pytest.mark.parametrize(
+    ("role", "why", "patch", "expect"),
+    HOST_REFUSALS,
+    ids=[f"{role}: {why}" for role, why, _, _ in HOST_REFUSALS],
+)
+def test_a_role_the_host_refuses_writes_nothing(loaders, host, tmp_path, role, why, patch, expect):
+    # The relay role runs on relay1's minion id; the proxy role on the master-relay's.
+    overlay = host_overlay(tmp_path)
+    pillar = pillar_for({"patch": patch}, overlay)
+    if role == "relay":
+        proxies = pillar["relayroute"]["proxies"]
+        proxies["master-relay"] = proxies.pop("relayroute-functional")
+        pillar["relayroute"]["relays"]["relayroute-functional"] = pillar["relayroute"][
+            "relays"
+        ].pop("relay1")
+    files = tmp_path / "files-root"
+    files.mkdir()
+    with host.entered():
+        before = snapshot(host)
+        ret = loaders.modules.state.sls(f"relayroute.{role}", pillar=pillar)
+        states = {state["__id__"]: state for state in ret.raw.values()}
+        main = (
+            "relayroute-relay-policy-routing"
+            if role == "relay"
+            else "relayroute-proxy-tproxy-divert"
+        )
+        assert states[main]["result"] is False, states[main]
+        assert expect in states[main]["comment"], states[main]["comment"]
+        assert not [sid for sid, state in states.items() if state["changes"]], states
+        assert snapshot(host) == before
+    written = {
+        name: files_under(tmp_path / name)
+        for name in ("persist", "systemd")
+        if (tmp_path / name).exists()
+    }
+    written.update(
+        {
+            name: "exists"
+            for name in ("sysctl.conf", "sysctl-before.yaml", "haproxy")
+            if (tmp_path / name).exists()
+        }
+    )
+    assert not any(written.values()), written
