@@ -300,14 +300,16 @@ def persist(values, errors, path):
 def topology(config, minion_id=None):
     """
     Validate ``config`` (the merged ``relayroute`` pillar) and return
-    ``{"errors": [...], "relay": {...}, "proxy": {...} or None}``: the
-    arguments of the relay states (same for every relay), and of the proxy
-    states for ``minion_id`` when it is one of the proxies.
+    ``{"errors": [...], "relay": {...}, "proxy": {...} or None,
+    "unlisted_relay": str or None}``: the arguments of the relay states (same
+    for every relay), of the proxy states for ``minion_id`` when it is one of
+    the proxies, and the warning for a relay-role minion that
+    ``relays`` does not list.
     """
     errors = model._Errors("relayroute")
     if not isinstance(config, dict):
         errors.add("", config, "must be a mapping")
-        return {"errors": errors.items, "relay": None, "proxy": None}
+        return {"errors": errors.items, "relay": None, "proxy": None, "unlisted_relay": None}
     _unknown(errors, "", config, TOP_KEYS)
 
     proxies = _mapping(config.get("proxies"), errors, "proxies", "proxies")
@@ -461,7 +463,7 @@ def topology(config, minion_id=None):
     persist(config.get("persist"), errors, "persist")
 
     if errors.items or spec is None or proxy_spec is None:
-        return {"errors": errors.items, "relay": None, "proxy": None}
+        return {"errors": errors.items, "relay": None, "proxy": None, "unlisted_relay": None}
 
     relay_args = {
         "lan_networks": list(spec.lan_networks),
@@ -502,4 +504,29 @@ def topology(config, minion_id=None):
                 for name in sorted(relays, key=str)
             ],
         }
-    return {"errors": [], "relay": relay_args, "proxy": proxy_args}
+    return {
+        "errors": [],
+        "relay": relay_args,
+        "proxy": proxy_args,
+        "unlisted_relay": None if minion_id in proxies else unlisted_relay(minion_id, relays),
+    }
+
+
+def unlisted_relay(minion_id, relays):
+    """
+    The warning for a relay-role minion that ``relays`` does not list, or None.
+
+    It still gets reply routing (harmless: no connection of it arrives from a
+    proxy's MAC, and a relay being brought up may get it before HAProxy
+    sends it mail), but HAProxy has no server line for it: usually a
+    mistyped minion id, or a relay not yet added to the pillar.
+    """
+    if minion_id is None or minion_id in relays:
+        return None
+    names = sorted(str(name) for name in relays)
+    close = difflib.get_close_matches(str(minion_id), names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (
+        f"relayroute:relays: has no entry for this minion id {minion_id!r}: it gets reply "
+        f"routing, but HAProxy sends it no mail (relays: {', '.join(names) or 'none'}){hint}"
+    )

@@ -10,6 +10,14 @@
 {%- if relayroute.errors %}
 {{ invalid('relayroute-relay-invalid-pillar', relayroute.errors) }}
 {%- else %}
+{%-   if relayroute.unlisted_relay %}
+
+# A warning, not a failure: a relay being brought up may get its reply
+# routing before it is added to relays (and so to HAProxy's backends).
+relayroute-relay-not-in-pillar:
+  test.show_notification:
+    - text: {{ ('WARNING: ' ~ relayroute.unlisted_relay) | yaml_dquote }}
+{%-   endif %}
 
 relayroute-relay-policy-routing:
   relayroute.relay_present:

@@ -35,6 +35,18 @@ def test_relay_component_renders_the_example(loaders):
     assert set(args["proxies"]) == {"master-relay", "master-relay-2"}
     assert args["proxies"]["master-relay-2"]["mark"] == 250
     assert "relayroute-relay-boot-unit" in states
+    # This minion is no relay of the example: a warning, not a failure.
+    warning = states["relayroute-relay-not-in-pillar"]["test"]
+    text = next(item["text"] for item in warning if isinstance(item, dict) and "text" in item)
+    assert text.startswith("WARNING: relayroute:relays: has no entry for this minion id")
+
+
+def test_a_listed_relay_gets_no_warning(loaders):
+    data = example()
+    data["relayroute"]["relays"][MINION] = data["relayroute"]["relays"].pop("relay1")
+    states = rendered(loaders, "relayroute.relay", data)
+    assert "relayroute-relay-policy-routing" in states
+    assert "relayroute-relay-not-in-pillar" not in states
 
 
 def test_proxy_component_renders_the_example(loaders):

@@ -302,3 +302,15 @@ def test_good_variants_stay_valid(patch):
     pillar = pillar_for({"patch": {"relayroute": patch}})
     assert topology.topology(pillar["relayroute"], MINION)["errors"] == []
     assert topology.topology(as_map_jinja(pillar), MINION)["errors"] == []
+
+
+def test_a_relay_the_pillar_does_not_list_gets_a_warning():
+    config = as_map_jinja(BASE)
+    assert topology.topology(config, "relay1")["unlisted_relay"] is None
+    assert topology.topology(config, MINION)["unlisted_relay"] is None  # a proxy
+    result = topology.topology(config, "relay11")
+    assert result["errors"] == []
+    assert result["unlisted_relay"] == (
+        "relayroute:relays: has no entry for this minion id 'relay11': it gets reply routing, "
+        "but HAProxy sends it no mail (relays: relay1, relay2, relay3); did you mean 'relay1'?"
+    )
