@@ -23,13 +23,35 @@ def is_root():
     return os.geteuid() == 0
 
 
+def needs_root(item):
+    return "root" in item.keywords or "lab" in item.keywords
+
+
+def without_root(environ, root, wanted):
+    """
+    What happens to the ``wanted`` tests that need root when ``root`` is False:
+    ``None`` (nothing to do), ``"skip"`` on a developer's machine, or an error
+    message under CI (``CI=true``), where green on unit tests alone would lie.
+    """
+    if root or not wanted:
+        return None
+    if environ.get("CI", "").lower() in ("true", "1", "yes"):
+        return (
+            f"CI={environ['CI']}: {wanted} tests need root and network namespaces, and this run "
+            "is not root; under CI a skip for lack of root is a failure"
+        )
+    return "skip"
+
+
 def pytest_collection_modifyitems(config, items):
-    if is_root():
-        return
-    skip = pytest.mark.skip(reason="needs root and network namespaces")
-    for item in items:
-        if "root" in item.keywords or "lab" in item.keywords:
+    wanted = [item for item in items if needs_root(item)]
+    verdict = without_root(os.environ, is_root(), len(wanted))
+    if verdict == "skip":
+        skip = pytest.mark.skip(reason="needs root and network namespaces")
+        for item in wanted:
             item.add_marker(skip)
+    elif verdict:
+        raise pytest.UsageError(verdict)
 
 
 @pytest.fixture
