@@ -10,6 +10,7 @@ configuration is live.
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -20,6 +21,23 @@ from tests.support.netns import _alive, live_processes
 
 class HAProxyError(RuntimeError):
     """HAProxy did not start, reload or stop as asked."""
+
+
+# HAProxy's time units; a bare number is milliseconds.
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "": 1e-3}
+
+
+def timeouts(text):
+    """The ``timeout NAME VALUE`` lines of a configuration's defaults, in seconds."""
+    found, section = {}, None
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words and not line[:1].isspace():
+            section = words[0]
+        elif section == "defaults" and len(words) == 3 and words[0] == "timeout":
+            number, unit = re.fullmatch(r"(\d+)([a-z]*)", words[2]).groups()
+            found[words[1]] = int(number) * _UNITS[unit]
+    return found
 
 
 def check(cfg_path, ns=None):
@@ -112,6 +130,13 @@ class HAProxyProcess:
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=2)
+
+    def timeouts(self):
+        """This instance's configured default timeouts, in seconds (see ``timeouts``).
+
+        Read inside the namespace: its /etc may be an overlay (``ip netns exec``).
+        """
+        return timeouts(self.ns.exec(["cat", str(self.cfg_path)]).stdout)
 
     def output(self):
         """What HAProxy wrote to stdout/stderr so far."""
