@@ -1,10 +1,12 @@
 """
-Safe on live mail systems, in the seed's lab: sessions in flight survive
-re-applies and topology changes; other tools' state survives apply, re-apply
-and clean, byte for byte, with both mail paths working.
+Safe on live mail systems, in the seed's lab: sessions in flight, exchanging
+commands all along, survive re-applies and topology changes with every reply on
+time, no segment resent and every flow's mark right; other tools' state
+survives apply, re-apply and clean, byte for byte, with both mail paths working.
 """
 
 import copy
+import time
 
 import pytest
 
@@ -25,9 +27,30 @@ SECOND_PROXY = {
 }
 
 
-def highstate(salt_cli, target="*", flags=()):
+# Held sessions stay busy: one NOOP every INTERVAL seconds on each of them while
+# the highstates run. A reply later than REPLY_BOUND seconds is a loss. Here a
+# reply takes milliseconds (longest measured on a loaded 2-core machine: about
+# 0.1 s, see the report); a reply routed out the wrong way never reaches the
+# client's socket while the route stays wrong, and TCP resends it with backoff
+# (0.2, 0.4, 0.8 s ...): a break of 1 s delays replies about 1.7 s, one of 5 s
+# loses them. Breaks shorter than REPLY_BOUND are caught by the retransmission
+# counters (smtp_retransmits), which must stay at 0. REPLY_BOUND is 30 times the
+# slowest reply seen and far below any SMTP client's patience (minutes).
+INTERVAL = 0.3
+REPLY_BOUND = 3.0
+# Each highstate of this test must finish within HIGHSTATE_TIMEOUT seconds, so
+# the whole window the sessions are held is bounded (HELD_WINDOW_MAX: three
+# highstates, a conntrack reading after each, opening), and every idle timer
+# on the way is wider than it: the lab's HAProxy client/server timeouts (10 m,
+# tests/support/seedlab.py) and this test's own pytest timeout (setup of the
+# lab, the held window, DATA).
+HIGHSTATE_TIMEOUT = 150
+HELD_WINDOW_MAX = 3 * HIGHSTATE_TIMEOUT + 120
+
+
+def highstate(salt_cli, target="*", flags=(), timeout=300):
     """Run a highstate on ``target``; every state must succeed. Returns the changed state ids."""
-    ret = salt_cli.run(*flags, "state.highstate", minion_tgt=target, _timeout=300)
+    ret = salt_cli.run(*flags, "state.highstate", minion_tgt=target, _timeout=timeout)
     assert ret.returncode == 0, ret.stdout
     results = states_of(ret, target)
     for minion, states in results.items():
@@ -35,9 +58,116 @@ def highstate(salt_cli, target="*", flags=()):
     return {m: [s["__id__"] for s in st if s["changes"]] for m, st in results.items()}
 
 
-def test_sessions_in_flight_survive_reapply_and_topology_changes(
-    applied, lab, salt_cli, set_pillar, pillar_data
-):
+@pytest.fixture
+def noop_tolerant_postfix(relays_postfix):
+    """
+    The relays' Postfix, letting a session send NOOPs for as long as it is held.
+    Postfix counts NOOP and RSET as junk: past smtpd_junk_command_limit (100)
+    each one is an error, and at smtpd_hard_error_limit (20) smtpd says 421 and
+    hangs up; the count resets only when mail is delivered. At a NOOP every
+    INTERVAL seconds that is 120 NOOPs, 36 s (measured: every session lost with
+    "421 4.7.0 Error: too many errors" after exactly 120). smtpd_timeout (300 s
+    by default) waits for the next command: these sessions never idle.
+    """
+    for instance in relays_postfix.values():
+        instance.extra_main["smtpd_junk_command_limit"] = "1000000"
+        instance.write_config()
+        instance.reload()
+    try:
+        yield relays_postfix
+    finally:
+        for instance in relays_postfix.values():
+            instance.extra_main.pop("smtpd_junk_command_limit", None)
+            instance.write_config()
+            instance.reload()
+
+
+def conntrack_flows(ns):
+    """A namespace's established TCP flows: one dict per flow, original direction first."""
+    flows = []
+    for line in ns.exec("conntrack -L -p tcp --state ESTABLISHED").stdout.splitlines():
+        fields = {}
+        for word in line.split():
+            key, _, value = word.partition("=")
+            if value:
+                fields.setdefault(key, value)
+        if "sport" in fields:
+            flows.append(fields)
+    return flows
+
+
+SMTP_SOCKETS = "( sport = :25 or sport = :587 or dport = :25 or dport = :587 )"
+
+
+def smtp_retransmits(lab):
+    """
+    Segments the kernel retransmitted so far on each host's established SMTP
+    sockets (client, HAProxy's both sides, the relays' smtpd): a reply routed
+    out the wrong way is retransmitted, even when a later copy gets through.
+    """
+    counts = {}
+    for name in ("client", "master-relay", *lab.relay_addresses):
+        out = lab.ns(name).exec(["ss", "-tinHO", "state", "established", SMTP_SOCKETS]).stdout
+        counts[name] = sum(
+            int(word.split("/")[1]) for word in out.split() if word.startswith("retrans:")
+        )
+    return counts
+
+
+def check_held_marks(lab, held, marks):
+    """
+    Every held session's flow in conntrack on its relay, with its mark: a
+    direct session's flow (matched by the client's address and port) mark 0;
+    the proxy's mark on flows through the VIP. HAProxy connects to the relay
+    from the client's address (usesrc clientip) but a port of its own, so those
+    are matched by client address, relay and port: as many as are held there.
+    Returns the problems found (none: []) and what was seen per relay.
+    """
+    problems, seen = [], {}
+    for name, address in lab.relay_addresses.items():
+        ours = [
+            r for r in held if r.get("stage") == "held" and r["spec"]["relay_address"] == address
+        ]
+        flows = [
+            f
+            for f in conntrack_flows(lab.ns(name))
+            if f["src"] in (seedlab.EXTERNAL_MTA, seedlab.MAIL_CLIENT) and f["dst"] == address
+        ]
+        direct = {f["sport"]: f for f in flows if f["src"] == seedlab.EXTERNAL_MTA}
+        for r in (r for r in ours if r["spec"]["path"] == "direct"):
+            flow = direct.pop(str(r["local"][1]), None)
+            if flow is None:
+                problems.append(f"{name}: no flow for direct session {r['local']}")
+            elif int(flow["mark"]) != marks["direct"]:
+                problems.append(f"{name}: direct session {r['local']} has mark {flow['mark']}")
+        problems += [f"{name}: unexpected direct flow {f}" for f in direct.values()]
+        for port in (25, 587):
+            vip = [f for f in flows if f["src"] == seedlab.MAIL_CLIENT and f["dport"] == str(port)]
+            expected = sum(
+                1 for r in ours if r["spec"]["path"] == "vip" and r["spec"]["port"] == port
+            )
+            if len(vip) != expected:
+                problems.append(f"{name}:{port}: {len(vip)} flows from the VIP, {expected} held")
+            problems += [
+                f"{name}:{port}: flow through the VIP with mark {f['mark']}: {f}"
+                for f in vip
+                if int(f["mark"]) != marks["vip"]
+            ]
+        seen[name] = {}
+        for flow in flows:
+            path = "direct" if flow["src"] == seedlab.EXTERNAL_MTA else "vip"
+            key = f"{path} mark={flow['mark']}"
+            seen[name][key] = seen[name].get(key, 0) + 1
+    return problems, seen
+
+
+def window_counts(results, label):
+    """Per held session, ``[commands, longest reply, longest gap]`` in window ``label``."""
+    return [r["windows"].get(label, [0, 0.0, 0.0]) for r in results if "windows" in r]
+
+
+def held_sessions_spec(lab):
+    """40 sessions straight to the relays, 80 through the VIP on 25 and 587."""
     sessions = []
     for index in range(40):
         name = f"relay{index % 3 + 1}"
@@ -60,40 +190,103 @@ def test_sessions_in_flight_survive_reapply_and_topology_changes(
                 "path": "vip",
             }
         )
-    held = HeldSmtpSessions(lab.ns("client"), sessions)
-    assert held.held == len(sessions), "not every session could be opened"
-    steps = []
+    return sessions
+
+
+@pytest.mark.timeout(HELD_WINDOW_MAX + 600)
+def test_sessions_in_flight_survive_reapply_and_topology_changes(
+    applied, lab, salt_cli, set_pillar, pillar_data, noop_tolerant_postfix
+):
+    """
+    120 sessions held open and kept busy (a NOOP every INTERVAL seconds each)
+    while three highstates run: one that changes nothing, one adding a second
+    master-relay, one removing it. No reply may fail or be late; after each
+    highstate every session's flow carries the right mark in the relay's
+    conntrack; then every session delivers its message.
+    """
+    timeouts = applied["haproxy"].timeouts()
+    assert min(timeouts["client"], timeouts["server"]) > HELD_WINDOW_MAX, timeouts
+    marks = {"direct": 0, "vip": pillar_data["relayroute"]["proxies"]["master-relay"]["mark"]}
+    two = copy.deepcopy(pillar_data)
+    two["relayroute"]["proxies"]["master-relay-2"] = SECOND_PROXY
+    plan = [
+        ("highstate again", pillar_data, False),
+        ("second master-relay added", two, True),
+        ("second master-relay removed", pillar_data, True),
+    ]
+    sessions = held_sessions_spec(lab)
+    held = HeldSmtpSessions(lab.ns("client"), sessions, interval=INTERVAL, bound=REPLY_BOUND)
+    started = time.monotonic()
+    steps, checks = [], []
+
+    def check(title):
+        status = held.status()
+        problems, seen = check_held_marks(lab, held.opened, marks)
+        checks.append((title, status, problems, seen, smtp_retransmits(lab)))
+
     try:
-        steps.append(("highstate again", highstate(salt_cli)))
-        two = copy.deepcopy(pillar_data)
-        two["relayroute"]["proxies"]["master-relay-2"] = SECOND_PROXY
-        set_pillar(two)
-        added = highstate(salt_cli)
-        assert all(added[name] for name in lab.relay_addresses), added
-        steps.append(("second master-relay added", added))
-        set_pillar(pillar_data)
-        removed = highstate(salt_cli)
-        assert all(removed[name] for name in lab.relay_addresses), removed
-        steps.append(("second master-relay removed", removed))
+        assert held.held == len(sessions), [r for r in held.opened if r.get("stage") != "held"]
+        for opened in held.opened:
+            # Through the VIP, the relay that answered is the one HAProxy chose.
+            opened["spec"]["relay_address"] = lab.relay_addresses[opened["relay"]]
+        check("held, before any apply")
+        for title, pillar, changes in plan:
+            set_pillar(pillar)
+            held.window(title)
+            began = time.monotonic()
+            changed = highstate(salt_cli, timeout=HIGHSTATE_TIMEOUT)
+            steps.append((title, time.monotonic() - began, changed))
+            held.window(f"after {title}")
+            if changes:
+                assert all(changed[name] for name in lab.relay_addresses), changed
+            check(f"after {title}")
     finally:
         set_pillar(pillar_data)
         results = held.finish()
+        window = time.monotonic() - started
+        held.close()
+
     completed = [r for r in results if r and r["ok"]]
-    by_path = {
-        path: sum(1 for r in completed if r["spec"]["path"] == path) for path in ("direct", "vip")
-    }
-    report(
-        "live re-apply",
-        [f"{title}: changed {changes}" for title, changes in steps]
-        + [
-            f"sessions opened and held: {held.held}",
-            f"sessions completed with 250 after DATA: {len(completed)} of {len(sessions)} "
-            f"(direct {by_path['direct']}, through the VIP {by_path['vip']})",
-        ],
-    )
-    failures = [r for r in results if not (r and r["ok"])]
-    assert not failures, failures[:5]
-    assert len(completed) == len(sessions) >= 100
+    lost = [r for r in results if r and r["stage"] == "noop"]
+    lines = []
+    for title, took, changed in steps:
+        counts = window_counts(results, title)
+        lines.append(
+            f"{title} ({took:.1f} s): changed {changed}; NOOPs answered "
+            f"{sum(c[0] for c in counts)}, per session at least {min(c[0] for c in counts)}; "
+            f"longest reply {max(c[1] for c in counts) * 1000:.0f} ms, longest time between "
+            f"two replies {max(c[2] for c in counts) * 1000:.0f} ms"
+        )
+    for title, status, problems, seen, retransmits in checks:
+        lines.append(
+            f"{title}: {status['busy']} busy, {len(status['losses'])} lost; held flows in "
+            f"conntrack {seen}; retransmitted SMTP segments {retransmits}"
+            + (f"; PROBLEMS {problems}" if problems else "")
+        )
+    answered = sum(c[0] for r in results if "windows" in r for c in r["windows"].values())
+    report("live re-apply, held sessions kept busy", [
+        *lines,
+        f"sessions held: {held.held}, {window:.0f} s, a NOOP every {INTERVAL} s each, "
+        f"a reply later than {REPLY_BOUND} s counts as lost; HAProxy timeouts client "
+        f"{timeouts['client']:.0f} s, server {timeouts['server']:.0f} s",
+        f"NOOPs answered: {answered}; sessions lost: {len(lost)}",
+        f"sessions completed with 250 after DATA: {len(completed)} of {len(sessions)} (direct "
+        f"{sum(r['spec']['path'] == 'direct' for r in completed)}, through the VIP "
+        f"{sum(r['spec']['path'] == 'vip' for r in completed)})",
+    ])  # fmt: skip
+    assert not lost, lost[:5]
+    assert len(completed) == len(sessions), [r for r in results if not (r and r["ok"])][:5]
+    for title, _status, problems, _seen, retransmits in checks:
+        assert not problems, (title, problems)
+        assert not any(retransmits.values()), (title, retransmits)
+    for title, _took, _changed in steps:
+        counts = window_counts(results, title)
+        assert len(counts) == len(sessions)
+        # Every session talked while this highstate ran, and never fell silent
+        # for longer than a late reply may take: busy from start to end.
+        assert min(c[0] for c in counts) >= 1, (title, counts)
+        assert max(c[2] for c in counts) < INTERVAL + REPLY_BOUND, (title, counts)
+    assert window < min(timeouts["client"], timeouts["server"]), (window, timeouts)
 
 
 def test_other_tools_state_survives_apply_reapply_and_clean(applied, lab, salt_cli):
