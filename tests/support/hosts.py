@@ -1,5 +1,7 @@
 """Pieces of test hosts shared by the functional traffic tests and the lab."""
 
+import shlex
+
 from tests.support.netns import veth
 
 # The traffic tests' hosts: a client reaching the relay directly, one reaching it
@@ -43,6 +45,58 @@ def lose_runtime_state(ns, tables, filter_tables=("mangle",)):
     ns.exec("conntrack -F", check=False)
 
 
+# The comment on a stateful router's drop rule, by which its counter is read.
+STATEFUL_DROP = "stateful: conntrack INVALID"
+
+
+def make_stateful(router):
+    """
+    Make ``router`` a stateful firewall: it forwards only packets of connections
+    it saw begin, and drops (counting them) the conntrack INVALID ones.
+
+    With the kernel's default ``nf_conntrack_tcp_loose = 1`` conntrack picks a
+    connection up mid-stream from any packet, as ESTABLISHED: a reply that takes
+    the wrong router in the middle of a session would pass, and only a
+    misrouted SYN-ACK would be caught. ``0`` makes every packet of a connection
+    the router did not see begin INVALID. The setting belongs to the network
+    namespace; the conntrack rule is added first, so nf_conntrack is loaded.
+    """
+    router.exec(
+        [
+            "iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID",
+            "-m", "comment", "--comment", STATEFUL_DROP, "-j", "DROP",
+        ]
+    )  # fmt: skip
+    router.sysctl("net.netfilter.nf_conntrack_tcp_loose", 0)
+    loose = router.exec("sysctl -n net.netfilter.nf_conntrack_tcp_loose").stdout.strip()
+    if loose != "0":
+        raise RuntimeError(f"{router.name}: nf_conntrack_tcp_loose is {loose!r}, not 0")
+
+
+def count_forwarded(router, name, match):
+    """
+    Count, without deciding anything, the packets ``router`` forwards that
+    match ``match`` (iptables match arguments), under the comment ``name``.
+    """
+    router.exec(
+        ["iptables", "-I", "FORWARD", "1", *shlex.split(match), "-m", "comment", "--comment", name]
+    )
+
+
+def forwarded(router, name):
+    """Packets counted so far by ``router``'s FORWARD rule commented ``name``."""
+    listing = router.exec("iptables -t filter -L FORWARD -n -v -x").stdout
+    for line in listing.splitlines():
+        if f"/* {name} */" in line:
+            return int(line.split()[0])
+    raise LookupError(f"{router.name}: no FORWARD rule commented {name!r}:\n{listing}")
+
+
+def dropped(router):
+    """Packets a stateful router (see ``make_stateful``) dropped as conntrack INVALID."""
+    return forwarded(router, STATEFUL_DROP)
+
+
 def uplinks(client, inet, gw, proxy, client_addresses):
     """
     The internet side every traffic test shares: ``client`` (holding
@@ -76,8 +130,7 @@ def internet(client, inet, gw, proxy, direct, proxied):
     for router, uplink in ((gw, "198.51.100.1"), (proxy, "198.51.100.5")):
         router.sysctl("net.ipv4.ip_forward", 1)
         router.ip(f"route add default via {uplink}")
-        # Stateful: replies of connections it never saw are conntrack INVALID.
-        router.exec("iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP")
+        make_stateful(router)
     for host in (gw, proxy, inet):
         host.sysctl("net.ipv4.conf.all.rp_filter", 0)
 

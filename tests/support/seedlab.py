@@ -3,7 +3,7 @@ The seed's network in namespaces.
 
     client (203.0.113.10 mail client via the VIP, 203.0.113.20 external MTA)
       |
-    inet router 203.0.113.1 --- gw (stateful firewall: drops conntrack INVALID)
+    inet router 203.0.113.1 --- gw (stateful firewall, hosts.make_stateful)
       |                          |
       +--- master-relay ---------+--- LAN bridge 192.0.2.0/24 --- relay1..3
            VIP 198.51.100.25          gw .1, master-relay .2, relays .11-.13
@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tests.support.hosts import uplinks
+from tests.support.hosts import make_stateful, uplinks
 from tests.support.netns import RUN_PREFIX, Netns, mac_of, run, veth
 from tests.support.smtp import send_mail
 
@@ -85,7 +85,7 @@ class SeedLab:
         self._lans(gw, proxy, relays)
         gw.ip("route add default via 198.51.100.1")
         gw.sysctl("net.ipv4.ip_forward", 1)
-        gw.exec("iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP")
+        make_stateful(gw)
         proxy.ip("route add default via 198.51.100.5")
         for relay in relays.values():
             relay.ip(f"route add default via {GATEWAY}")
