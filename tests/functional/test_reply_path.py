@@ -17,11 +17,13 @@ from tests.support.hosts import (
     DIRECT,
     PROXIED,
     RELAY,
+    count_forwarded,
     dropped,
+    forwarded,
     internet,
 )
 from tests.support.netns import mac_of, veth
-from tests.support.tcp import NEGATIVE_TIMEOUT, HeldSession, connect, start_server
+from tests.support.tcp import NEGATIVE_TIMEOUT, HeldSession, Ticker, connect, start_server
 
 pytestmark = pytest.mark.root
 
@@ -155,35 +157,131 @@ def test_stateful_routers_catch_a_reply_misrouted_mid_stream(
         session.close()
 
 
-def test_mark_change_moves_live_connections_with_their_proxy(loaders, net):
+# Each step of the engine is held this long, so that live traffic crosses every
+# state the kernel passes through during an apply.
+STEP_PAUSE = 0.8
+STALL = 2.0  # an exchange slower than this (seconds) counts as stalled
+
+
+def paced_engine(loaders, monkeypatch, steps):
     """
-    A proxy's mark changes while its connections are open: they follow it to
-    the new mark (their connmark is moved after the new rule is in place and
-    before the old one goes), so their replies keep leaving through the proxy.
+    Make the relayroute module loaded by ``loaders`` record each netlink
+    operation and packet-filter transaction it applies, as ``(time, label)``
+    in ``steps``, and hold each for ``STEP_PAUSE`` seconds.
     """
-    relay = net["relay"]
-    args = {"name": "relay", "lan_networks": ["192.0.2.0/24"], "mark_mask": 0xFF}
-    with relay.entered():
-        assert loaders.states.relayroute.relay_present(proxies=proxies(net), **args).result
-    proxied = HeldSession(net["client"], RELAY, 25, PROXIED)
-    direct = HeldSession(net["client"], RELAY, 25, DIRECT)
+    engine = loaders.modules.relayroute.relay_apply.__globals__["engine"]
+    run_ops, backend = engine.netlink.run_ops, engine.backend()
+    apply = backend.apply
+
+    def paced_run_ops(ops):
+        done = []
+        for verb, obj in ops:
+            done += run_ops([(verb, obj)])
+            steps.append((time.monotonic(), label(verb, obj)))
+            time.sleep(STEP_PAUSE)
+        return done
+
+    def paced_apply(payload):
+        apply(payload)
+        steps.append((time.monotonic(), backend.NAME))
+        time.sleep(STEP_PAUSE)
+
+    monkeypatch.setattr(engine.netlink, "run_ops", paced_run_ops)
+    monkeypatch.setattr(backend, "apply", paced_apply)
+
+
+def label(verb, obj):
+    if verb == "connmark_move":
+        old, old_mask, new, new_mask = obj
+        return f"{verb} {old:#x}/{old_mask:#x} -> {new:#x}/{new_mask:#x}"
+    return f"{verb} {obj.line()}" if hasattr(obj, "line") else f"{verb} {obj!r}"
+
+
+def test_mark_change_moves_live_connections_with_their_proxy(loaders, net, monkeypatch):
+    """
+    A proxy's mark and table change while its connections exchange data: they
+    follow it to the new mark (their connmark is moved after the new rule and
+    chains are in place and before the old rule and table go), so their
+    replies leave through the proxy at every moment of the change. Each step of
+    the apply is held for a while, and two connections exchange a line every
+    0.15 s throughout: every state the kernel passes through carries traffic,
+    and a reply that took the wrong router even once would be counted there
+    (and dropped: the routers pick up nothing mid-stream).
+    """
+    relay, gw, proxy = net["relay"], net["gw"], net["proxy"]
+    assert relayroute_applied(loaders, net).result is True
+    for router in (gw, proxy):
+        count_forwarded(router, "to proxied", f"-p tcp -s {RELAY} --sport 25 -d {PROXIED}")
+        count_forwarded(router, "to direct", f"-p tcp -s {RELAY} --sport 25 -d {DIRECT}")
+    steps = []
+    proxied = Ticker(net["client"], RELAY, 25, PROXIED)
+    direct = Ticker(net["client"], RELAY, 25, DIRECT)
     try:
         assert proxied.banner == f"220 hello {PROXIED}"
         assert direct.banner == f"220 hello {DIRECT}"
+        assert proxied.wait_for(3)
+        assert direct.wait_for(3)
         changed = proxies(net)
         changed["master-relay"].update(mark=253, table=1000253)
+        paced_engine(loaders, monkeypatch, steps)
         with relay.entered():
-            ret = loaders.states.relayroute.relay_present(proxies=changed, **args)
-            assert ret.result is True
-            assert ret.changes["connmarks"] == ["0xfe/0xff -> 0xfd/0xff"]
+            # The execution module itself: a state runs through state.single,
+            # whose fresh loader would load the module again, unpaced.
+            ret = loaders.modules.relayroute.relay_apply(
+                lan_networks=["192.0.2.0/24"], mark_mask=0xFF, proxies=changed
+            )
+        steps.append((time.monotonic(), "returned"))
+        with relay.entered():
             flows = loaders.modules.relayroute.flows(mark_mask=0xFF, port=25)
-        assert any(f"src={PROXIED}" in f and f.endswith("mark=253") for f in flows), flows
-        assert any(f"src={DIRECT}" in f and f.endswith("mark=0") for f in flows), flows
-        assert relay.exec("ip route show table 1000254").stdout == ""
-        # Both sessions carry on after the change, each on its own path.
-        assert proxied.say("NOOP after the change") == "250 NOOP after the change"
-        assert direct.say("NOOP after the change") == "250 NOOP after the change"
+        time.sleep(STEP_PAUSE)
+        ended = time.monotonic()
     finally:
-        proxied.close()
-        direct.close()
+        proxied.stop()
+        direct.stop()
+    assert ret["changes"]["connmarks"] == ["0xfe/0xff -> 0xfd/0xff"]
+    # The open connections: the proxied one moved to the new mark, the direct one unmarked.
+    assert any(f"src={PROXIED}" in f and f.endswith("mark=253") for f in flows), flows
+    assert any(f"src={DIRECT}" in f and f.endswith("mark=0") for f in flows), flows
+
+    # The order: new table and rule, chains, connmark move, then the old ones go.
+    labels = [step for _, step in steps]
+    assert labels[:4] == [
+        "route_replace default via 192.0.2.2 table 1000253 proto 210",
+        "rule_add 1000: from all fwmark 0xfd/0xff lookup 1000253 proto 210",
+        "iptables",
+        "connmark_move 0xfe/0xff -> 0xfd/0xff",
+    ], labels
+    assert sorted(labels[4:-1]) == [
+        "route_del default via 192.0.2.2 table 1000254 proto 210",
+        "rule_del 1000: from all fwmark 0xfe/0xff lookup 1000254 proto 210",
+    ], labels
+
+    # Every reply left through its own router: none went the wrong way, none
+    # was dropped, and the counters do count (positive control).
+    wrong_way = {
+        "gw: replies to the proxied client": forwarded(gw, "to proxied"),
+        "proxy: replies to the direct client": forwarded(proxy, "to direct"),
+        "gw: dropped": dropped(gw),
+        "proxy: dropped": dropped(proxy),
+    }
+    assert set(wrong_way.values()) == {0}, wrong_way
+    assert forwarded(proxy, "to proxied") >= len(proxied.exchanges)
+    assert forwarded(gw, "to direct") >= len(direct.exchanges)
+    # No exchange was lost or stalled, and traffic crossed every state: while
+    # each step's result stood (until the next step), both connections
+    # completed at least one exchange.
+    spans = list(zip([t for t, _ in steps], [t for t, _ in steps[1:]] + [ended], labels))
+    for ticker in (proxied, direct):
+        assert not ticker.errors, ticker.errors
+        assert not ticker.lost(), ticker.lost()
+        assert not [e for e in ticker.exchanges if e.rtt > STALL], ticker.exchanges
+        unprobed = [
+            step
+            for begin, end, step in spans
+            if not any(begin <= e.sent and e.answered <= end for e in ticker.exchanges)
+        ]
+        assert not unprobed, (ticker.banner, unprobed)
+
+    assert relay.exec("ip route show table 1000254").stdout == ""
     assert connect(net["client"], RELAY, 25, PROXIED) == f"220 hello {PROXIED}"
+    assert connect(net["client"], RELAY, 25, DIRECT) == f"220 hello {DIRECT}"
