@@ -244,18 +244,38 @@ def overlay_path(ns, path):
     return NETNS_ETC / ns.name / rel
 
 
-def states_of(ret, target=None):
+def states_of(ret, target=None, minions=None):
     """
     Flatten a state run's return into {minion: [state dicts]}. For a single
     minion salt-factories unwraps the return, so it is keyed by state instead.
+
+    Fails (AssertionError with the output) on anything that is not a state
+    run's return: no data (no minion answered), a minion that returned
+    something else than states (render errors come back as a list of
+    strings), or, with ``minions``, a set of minions that answered other than
+    exactly those.
     """
-    data = ret.data if isinstance(ret.data, dict) else {}
+    data = ret.data
+    assert isinstance(data, dict), f"no state return: {data!r}\n{ret.stdout}"
+    assert data, f"no minion answered\n{ret.stdout}"
     if any("_|-" in key for key in data):
         data = {target or "minion": data}
-    return {
-        minion: list(result.values()) if isinstance(result, dict) else result
-        for minion, result in data.items()
+    for minion, result in data.items():
+        assert isinstance(result, dict), f"{minion} returned no states: {result!r}"
+        assert result, f"{minion} returned no states"
+    if minions is not None:
+        assert sorted(data) == sorted(minions), (sorted(data), sorted(minions), ret.stdout)
+    return {minion: list(result.values()) for minion, result in data.items()}
+
+
+def assert_states_succeeded(states_by_minion):
+    """Every state of every minion has result True (not False, not None)."""
+    failed = {
+        minion: [(s.get("__id__"), s.get("result"), s.get("comment")) for s in states]
+        for minion, states in states_by_minion.items()
+        if any(s.get("result") is not True for s in states)
     }
+    assert not failed, failed
 
 
 def report(title, lines):
