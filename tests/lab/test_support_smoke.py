@@ -13,7 +13,7 @@ import pytest
 from tests.support.haproxy import HAProxyProcess
 from tests.support.haproxy import check as haproxy_check
 from tests.support.netns import run, veth
-from tests.support.postfix import PostfixInstance
+from tests.support.postfix import PostfixInstance, wait_for_messages
 from tests.support.smtp import send_mail
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
@@ -100,7 +100,9 @@ def test_postfix_haproxy_swaks_in_namespaces(lab, postfix, haproxy, tmp_path):
     submission = send_mail(client, RELAY, 587, "c@example.com", f"postmaster@{RELAY_HOST}")
     assert submission.ok, submission.transcript
 
-    assert postfix.wait_for_log(rf"connect from [^\[]*\[{PROXY_BACK}\]")
+    # The log is written after the replies (postlogd): wait for each message's line.
+    logged = wait_for_messages({"relay": postfix}, [direct.queue_id, proxied.queue_id])
+    assert logged == {direct.queue_id: ("relay", CLIENT), proxied.queue_id: ("relay", PROXY_BACK)}
     seen = postfix.client_ips_seen()
     assert CLIENT in seen
     assert PROXY_BACK in seen
@@ -114,11 +116,19 @@ def test_postfix_haproxy_swaks_in_namespaces(lab, postfix, haproxy, tmp_path):
     local = send_mail(client, RELAY, 25, "e@example.com", f"postmaster@{RELAY_HOST}",
                       local_interface=OUTSIDER)  # fmt: skip
     assert local.ok, local.transcript
+    assert wait_for_messages({"relay": postfix}, [local.queue_id]) == {
+        local.queue_id: ("relay", OUTSIDER)
+    }
     assert OUTSIDER in postfix.client_ips_seen()
 
-    # Four messages accepted, all still queued (nothing leaves the lab).
+    # Four messages accepted (the queue files are written before the 250), all
+    # still queued: each message's delivery attempt is logged as deferred
+    # (nothing leaves the lab), so no "status=sent" can still be on its way.
+    accepted = [direct.queue_id, proxied.queue_id, submission.queue_id, local.queue_id]
+    assert postfix.queue_ids() == sorted(accepted)
     assert postfix.accepted_count() == 4
-    assert direct.queue_id in postfix.queue_ids()
+    statuses = postfix.wait_for_statuses(accepted)
+    assert statuses == {queue_id: ["deferred"] for queue_id in accepted}, statuses
     assert "status=sent" not in postfix.log_text()
 
     # HAProxy: configuration check and a live reload that keeps serving.

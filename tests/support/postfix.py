@@ -60,6 +60,15 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 _CONNECT = re.compile(r"/smtpd\[\d+\]: connect from ([^\s\[]*)\[([^\]]+)\]")
+# "<queue id>: client=host[IP]": smtpd took a message from IP.
+_CLIENT = re.compile(r"\]: ([0-9A-Za-z]+): client=[^\s\[]*\[([^\]]+)\]")
+# "<queue id>: to=<rcpt>, ..., status=deferred (...)": a delivery attempt's outcome.
+_STATUS = re.compile(r"\]: ([0-9A-Za-z]+): to=<[^>]*>, .*?status=(\w+)")
+# Postfix logs through postlogd (a datagram socket and a process of its own),
+# after the SMTP reply: what a client saw answered shows up in the maillog
+# later. Every read of the log for something that must be there waits for it,
+# up to this many seconds.
+LOG_TIMEOUT = 20
 _DATA_DIRS = set()  # data directories outside base_dir, removed at exit
 _QUEUE_SUBDIRS = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 
@@ -253,25 +262,48 @@ class PostfixInstance:
         except FileNotFoundError:
             return ""
 
-    def wait_for_log(self, pattern, timeout=10):
+    def wait_for_log(self, pattern, timeout=LOG_TIMEOUT):
         """Wait until the maillog matches ``pattern`` (regex); return the match."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.log_text())
-            if match or time.monotonic() > deadline:
-                return match
-            time.sleep(0.1)
+        return _poll(lambda: re.search(pattern, self.log_text()), timeout)
+
+    def clients(self):
+        """``{queue id: client IP}`` of every message smtpd accepted, from the maillog."""
+        return dict(_CLIENT.findall(self.log_text()))
+
+    def statuses(self):
+        """``{queue id: [status of each delivery attempt]}`` from the maillog."""
+        found = {}
+        for queue_id, status in _STATUS.findall(self.log_text()):
+            found.setdefault(queue_id, []).append(status)
+        return found
+
+    def wait_for_statuses(self, queue_ids, timeout=LOG_TIMEOUT):
+        """
+        The logged delivery statuses of ``queue_ids`` once each has at least
+        one (or, after ``timeout`` seconds, those found): ``{queue id: [status]}``.
+        """
+        wanted = set(queue_ids)
+
+        def found():
+            return {q: s for q, s in self.statuses().items() if q in wanted}
+
+        _poll(lambda: set(found()) == wanted, timeout)
+        return found()
 
     def client_ips_seen(self):
         """Client IPs of smtpd 'connect from host[IP]' lines, in log order."""
         return [m.group(2) for m in _CONNECT.finditer(self.log_text())]
 
     def queue_ids(self):
-        """Queue ids of all messages in the queue (all of them: nothing is delivered)."""
-        ids = []
+        """
+        Queue ids of all messages in the queue (all of them: nothing is
+        delivered). A message that qmgr moves on (incoming, active, deferred)
+        while the directories are walked is seen twice: it counts once.
+        """
+        ids = set()
         for sub in _QUEUE_SUBDIRS:
             for _dirpath, _dirs, files in os.walk(self.queue_dir / sub):
-                ids.extend(files)
+                ids.update(files)
         return sorted(ids)
 
     def accepted_count(self):
@@ -281,6 +313,39 @@ class PostfixInstance:
     def postcat(self, queue_id):
         """The queue file of ``queue_id`` as text (envelope and content)."""
         return self.ns.exec(["postcat", "-c", str(self.config_dir), "-q", queue_id]).stdout
+
+
+def wait_for_messages(instances, queue_ids, timeout=LOG_TIMEOUT):
+    """
+    Which instance accepted each message of ``queue_ids`` and from which
+    client, read from the maillogs of ``instances`` (``{name: instance}``):
+    ``{queue id: (name, client IP)}``, once every id has its ``client=`` line,
+    or, after ``timeout`` seconds, as far as found.
+    """
+    wanted = set(queue_ids)
+
+    def found():
+        where = {}
+        for name, instance in instances.items():
+            for queue_id, client in instance.clients().items():
+                if queue_id in wanted:
+                    if queue_id in where:
+                        raise AssertionError(f"queue id {queue_id} in two logs: {where[queue_id]}")
+                    where[queue_id] = (name, client)
+        return where
+
+    _poll(lambda: set(found()) == wanted, timeout)
+    return found()
+
+
+def _poll(check, timeout):
+    """``check()`` every 0.1 s until it is true or ``timeout`` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
 
 
 def _run_on_tty(argv, timeout):
