@@ -82,10 +82,11 @@ def noop_tolerant_postfix(relays_postfix):
             instance.reload()
 
 
-def conntrack_flows(ns):
-    """A namespace's established TCP flows: one dict per flow, original direction first."""
+def conntrack_flows(ns, state="ESTABLISHED"):
+    """A namespace's TCP flows in ``state`` (None: all), one dict each, original direction first."""
+    argv = ["conntrack", "-L", "-p", "tcp", *(["--state", state] if state else [])]
     flows = []
-    for line in ns.exec("conntrack -L -p tcp --state ESTABLISHED").stdout.splitlines():
+    for line in ns.exec(argv).stdout.splitlines():
         fields = {}
         for word in line.split():
             key, _, value = word.partition("=")
