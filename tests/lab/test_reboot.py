@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.test_live_safety import highstate
+from tests.lab.test_live_safety import conntrack_flows, highstate
 from tests.support import rh7boot, seedlab
 from tests.support.hosts import lose_runtime_state
 from tests.support.seedlab import mail_direct, mail_via_vip, report
@@ -43,13 +43,21 @@ def reboot_and_mail(applied, lab, boot, title, extra=()):
     assert direct.ok, direct.text
     proxied = mail_via_vip(lab, (25, 587) * 3)
     assert all(result.ok for result in proxied), [r.text for r in proxied if not r.ok]
-    flows = relay.exec("conntrack -L -p tcp").stdout
-    assert any(seedlab.MAIL_CLIENT in line and "mark=254" in line for line in flows.splitlines())
+    # The reboot emptied relay1's conntrack: every SMTP flow in it is from now,
+    # each with its mark (the proxy's through the VIP, 0 direct).
+    mark = lab.pillar()["relayroute"]["proxies"]["master-relay"]["mark"]
+    flows = [f for f in conntrack_flows(relay, state=None) if f["dport"] in ("25", "587")]
+    vip = [f for f in flows if f["src"] == seedlab.MAIL_CLIENT]
+    direct = [f for f in flows if f["src"] == seedlab.EXTERNAL_MTA]
+    assert {f["mark"] for f in vip} == {str(mark)}, vip
+    assert {f["mark"] for f in direct} == {"0"}, direct
     report(title, [
         *extra,
         *lines,
         "after: rules, routes and ruleset identical to before the reboot",
         f"mail: direct to relay1 ok; {len(proxied)} of {len(proxied)} through the VIP ok",
+        f"relay1's conntrack: {len(vip)} flows through the VIP mark={mark}, "
+        f"{len(direct)} direct mark=0",
     ])  # fmt: skip
 
 
