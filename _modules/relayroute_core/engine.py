@@ -173,18 +173,19 @@ def diff(plan, current, filter_backend, scope=None):
         if not any(_route_matches(route, have) for have in have_routes):
             result.before.append(("route_replace", route))
     planned_keys = {route.key for route in plan.routes}
-    for have in have_routes:
-        if have.key not in planned_keys:
-            result.after.append(("route_del", have))
+    stale_routes = [have for have in have_routes if have.key not in planned_keys]
 
     have_plain = {rule.as_rule().ident for rule in have_rules if not rule.selectors}
     planned_rules = {rule.ident for rule in plan.rules}
     for rule in plan.rules:
         if rule.ident not in have_plain:
             result.before.append(("rule_add", rule))
+    # Removal runs the other way round: a stale rule goes before the routes of
+    # its table, so no packet is ever looked up in a table being emptied.
     for have in have_rules:
         if have.selectors or have.as_rule().ident not in planned_rules:
             result.after.append(("rule_del", have.as_rule()))
+    result.after += [("route_del", have) for have in stale_routes]
 
     _sysctl_diff(plan, current, result)
 

@@ -87,7 +87,7 @@ def test_stale_owned_rule_and_route_removed_after():
         ],
     )
     todo = engine.diff(relay_plan(), state, iptables)
-    assert [verb for verb, _ in todo.after] == ["route_del", "rule_del"]
+    assert [verb for verb, _ in todo.after] == ["rule_del", "route_del"]
     assert todo.before == []
 
 
