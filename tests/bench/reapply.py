@@ -56,8 +56,10 @@ from tests.support import rh7boot  # noqa: E402
 from tests.support.netns import (  # noqa: E402
     RUN_PREFIX,
     Netns,
+    etc_mount_point,
     leftover_namespaces,
     mac_of,
+    release_etc_mount_point,
     run,
     veth,
 )
@@ -413,18 +415,17 @@ def build(stack, tmp, mechanism="unit"):
     # ip netns exec bind-mounts /etc/netns/NS/* over /etc/*: an empty
     # resolv.conf keeps Salt's lookups from waiting on an unreachable resolver,
     # and what the formula persists for boot stays in the overlay, off the host.
+    # ip netns exec binds an overlay only over a directory that exists: an
+    # empty mount point, removed at exit (after the overlay, callbacks run last
+    # first) when this run made it and no other run's overlay still needs it.
+    if etc_mount_point("/etc/relayroute"):
+        stack.callback(release_etc_mount_point, "/etc/relayroute")
     overlay = NETNS_ETC / relay.name
     stack.callback(shutil.rmtree, overlay, ignore_errors=True)
     overlay.mkdir(parents=True, exist_ok=True)
     (overlay / "resolv.conf").write_text("")
     for sub in ("relayroute", "systemd", "sysctl.d"):
         (overlay / sub).mkdir()
-    # ip netns exec binds an overlay only over a directory that exists: an
-    # empty mount point, removed at exit when this run made it (and still empty).
-    mount_point = Path("/etc/relayroute")
-    if not mount_point.exists():
-        mount_point.mkdir()
-        stack.callback(_remove_empty_dir, mount_point)
     if mechanism == "network-scripts":
         rh7boot.prepare_host(
             overlay / "relayroute" / "sysconfig",
@@ -450,11 +451,6 @@ def build(stack, tmp, mechanism="unit"):
     workdir = tmp / "work"
     workdir.mkdir()
     return relay, confdir, workdir
-
-
-def _remove_empty_dir(path):
-    with contextlib.suppress(OSError):
-        path.rmdir()
 
 
 @contextlib.contextmanager

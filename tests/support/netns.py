@@ -202,3 +202,34 @@ def mac_of(ns, ifname):
 def leftover_namespaces(prefix=RUN_PREFIX):
     out = run(["ip", "netns", "list"], check=False).stdout
     return [line.split()[0] for line in out.splitlines() if line.startswith(prefix + "-")]
+
+
+def etc_mount_point(path):
+    """
+    Make sure ``path`` (e.g. ``/etc/relayroute``) exists so that ``ip netns
+    exec`` binds a namespace's ``/etc/netns/NS/<name>`` overlay over it (it
+    binds only over directories that exist). Returns True when this call made
+    it: the caller then passes it to :func:`release_etc_mount_point` at the end.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists():
+        return False
+    path.mkdir()
+    return True
+
+
+def release_etc_mount_point(path):
+    """
+    Remove a mount point :func:`etc_mount_point` made, unless another run's
+    namespace still has an overlay for it (runs overlap: removing it under them
+    would send their writes to the host's /etc) or something was put in it.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if any(Path("/etc/netns").glob(f"*/{path.name}")):
+        return
+    with contextlib.suppress(OSError):
+        path.rmdir()  # only when empty

@@ -20,7 +20,15 @@ import shutil
 from pathlib import Path
 
 from tests.support.hosts import make_stateful, uplinks
-from tests.support.netns import RUN_PREFIX, Netns, mac_of, run, veth
+from tests.support.netns import (
+    RUN_PREFIX,
+    Netns,
+    etc_mount_point,
+    mac_of,
+    release_etc_mount_point,
+    run,
+    veth,
+)
 from tests.support.smtp import send_mail
 
 MAIL_CLIENT = "203.0.113.10"
@@ -47,8 +55,7 @@ class SeedLab:
         self.lan_networks = [LAN]
         self.proxy_address = PROXY_LAN
         # ip netns exec can only bind an overlay over a directory that exists.
-        self.made_etc_relayroute = not Path("/etc/relayroute").exists()
-        Path("/etc/relayroute").mkdir(exist_ok=True)
+        self.made_etc_relayroute = etc_mount_point("/etc/relayroute")
         self.hosts = {}
         self._mgmt_index = 0
         self.mgmt = {}
@@ -183,7 +190,7 @@ class SeedLab:
             run(["ip", "link", "del", root_if], check=False)
         self.hosts.clear()
         if self.made_etc_relayroute:
-            shutil.rmtree("/etc/relayroute", ignore_errors=True)
+            release_etc_mount_point("/etc/relayroute")
             self.made_etc_relayroute = False
 
     def boot_commands(self, short):
