@@ -18,6 +18,12 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support import netns as netns_support  # noqa: E402
 
+# relayroute's host lock (engine.LOCK_PATH) for this run's applies, in-process
+# and in the minions the labs start (they inherit the environment): nothing is
+# left in the host's /run, and runs never wait on each other.
+LOCK_PATH = f"/tmp/{netns_support.RUN_PREFIX}-relayroute.lock"
+os.environ.setdefault("RELAYROUTE_LOCK", LOCK_PATH)
+
 
 def is_root():
     return os.geteuid() == 0
@@ -99,3 +105,4 @@ def pytest_sessionfinish(session, exitstatus):
         netns_support.run(["ip", "netns", "delete", name], check=False)
     for overlay in Path("/etc/netns").glob(f"{netns_support.RUN_PREFIX}-*"):
         shutil.rmtree(overlay, ignore_errors=True)
+    Path(LOCK_PATH).unlink(missing_ok=True)

@@ -22,6 +22,7 @@ sync copies the whole tree). Each sub-module has one job:
     mark, CONNMARK and socket matches
 """
 
+import contextlib
 import dataclasses
 import logging
 import platform
@@ -154,16 +155,21 @@ def _persist_target(persist, persist_dir, prefix):
 
 
 def _converge(plan_, filter_backend, test, prefix="", scope=None, target=None, kernel=None):
+    # A real apply holds the host's relayroute lock from its read to its last
+    # write: it never interleaves with a restore (boot, or a repair) or another apply.
     try:
-        return engine.converge(
-            plan_,
-            filter_backend,
-            test=test,
-            prefix=prefix,
-            scope=scope,
-            persist_target=target,
-            kernel=kernel,
-        )
+        with contextlib.nullcontext() if test else engine.locked():
+            if kernel is not None and not test:
+                kernel = None  # read again under the lock: a restore may have run
+            return engine.converge(
+                plan_,
+                filter_backend,
+                test=test,
+                prefix=prefix,
+                scope=scope,
+                persist_target=target,
+                kernel=kernel,
+            )
     except (ValueError, RuntimeError, OSError) as err:
         raise _fail(err) from err
 

@@ -11,8 +11,13 @@ then the removal of rules and routes nothing marks for any more. Removal runs
 the other way round.
 """
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -32,6 +37,41 @@ log = logging.getLogger(__name__)
 #   owned_lines(ruleset, prefix) / desired_lines(plan)   what operators read in changes
 #   restore_commands(plan)        shell lines for the boot-time restore script
 BACKENDS = {iptables.NAME: iptables}
+
+
+# One lock for everything that changes relayroute's kernel state on a host: an
+# apply (Salt), and the boot/repair restore (its script takes the same lock).
+# flock(2): released by the kernel when the holder dies, never left stale.
+LOCK_PATH = os.environ.get("RELAYROUTE_LOCK", "/run/relayroute/lock")
+
+
+@contextlib.contextmanager
+def locked(path=None, timeout=120.0):
+    """
+    Hold relayroute's host lock (``path``, default :data:`LOCK_PATH`) while
+    the body runs; wait up to ``timeout`` seconds for another holder.
+    """
+    path = path or LOCK_PATH
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    with open(path, "a", encoding="utf-8") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"another relayroute apply or restore has held {path} for "
+                        f"{timeout:.0f} s; nothing was changed"
+                    ) from err
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class ApplyError(RuntimeError):
