@@ -84,8 +84,9 @@ def relay_present(
         relayroute's bits of the packet mark (other mark users keep theirs).
     proxies
         Mapping of each master-relay's name to ``address`` (on the relay's
-        network), ``mark``, ``table``, ``priority`` and optional ``mac``
-        (looked up in the neighbour table when absent).
+        network), ``mark``, ``table``, ``priority`` and optional ``mac`` and
+        ``macs`` (an HA pair's nodes, all marked with the proxy's mark; looked
+        up in the neighbour table when neither is given).
     backend
         Packet-filter backend: ``iptables``.
     prefix

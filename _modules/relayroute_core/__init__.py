@@ -226,7 +226,8 @@ def plan(lan_networks, mark_mask, proxies, backend="iptables"):
         relayroute's bits of the packet mark, e.g. ``0xff``.
     proxies
         Mapping of proxy name to ``address``, ``mark``, ``table``, ``priority``
-        and optional ``mac``.
+        and optional ``mac`` and ``macs`` (an HA pair: every node's MAC,
+        all marked with the proxy's mark).
 
     CLI Example:
 

@@ -38,6 +38,15 @@ class Proxy:
     table: int
     priority: int
     mac: Optional[str] = None
+    # Every MAC marked with this proxy's mark, ``mac`` first: an HA pair's
+    # nodes each connect from their own NIC. ``mac`` is ``macs[0]``.
+    macs: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.mac and not self.macs:
+            object.__setattr__(self, "macs", (self.mac,))
+        elif self.macs and self.mac != self.macs[0]:
+            object.__setattr__(self, "mac", self.macs[0])
 
 
 @dataclass(frozen=True)
@@ -215,7 +224,65 @@ def _unique(items, attribute, errors, path_of):
             seen[value] = item.name
 
 
-PROXY_KEYS = {"name", "address", "mac", "mark", "table", "priority"}
+def _proxy_macs(body, errors, base):
+    """
+    A proxy's MACs: ``mac`` (one) and ``macs`` (a list), both optional; their
+    union, ``mac`` first, each once. A MAC repeated within ``macs`` is refused
+    as the typo it is; ``mac`` repeated in ``macs`` counts once.
+    """
+    macs = []
+    if body.get("mac") not in (None, ""):
+        mac = to_mac(body["mac"], errors, f"{base}:mac")
+        if mac:
+            macs.append(mac)
+    raw = body.get("macs")
+    if raw is None:
+        return tuple(macs)
+    if not isinstance(raw, (list, tuple)) or not raw:
+        errors.add(f"{base}:macs", raw, "must be a non-empty list of MAC addresses")
+        return tuple(macs)
+    seen = {}
+    for index, value in enumerate(raw):
+        mac = to_mac(value, errors, f"{base}:macs:{index}")
+        if mac is None:
+            continue
+        if mac in seen:
+            errors.add(f"{base}:macs:{index}", value, f"is listed twice (also macs:{seen[mac]})")
+            continue
+        seen[mac] = index
+        if mac not in macs:
+            macs.append(mac)
+    return tuple(macs)
+
+
+def _mac_paths(name, body):
+    """``(key path, raw value, normalised MAC)`` of each MAC a proxy's entry gives."""
+    found = []
+    if isinstance(body.get("mac"), str):
+        found.append((f"proxies:{name}:mac", body["mac"], body["mac"].strip().lower()))
+    if isinstance(body.get("macs"), (list, tuple)):
+        for index, value in enumerate(body["macs"]):
+            if isinstance(value, str):
+                found.append((f"proxies:{name}:macs:{index}", value, value.strip().lower()))
+    return found
+
+
+def _unique_macs(parsed, items, errors):
+    """A MAC marks for one proxy only: the same MAC under two proxies is refused."""
+    owner = {}
+    bodies = dict(items)
+    for proxy in parsed:
+        for path, raw, mac in _mac_paths(proxy.name, bodies.get(proxy.name, {})):
+            if mac not in proxy.macs:
+                continue  # invalid: reported already
+            other = owner.setdefault(mac, proxy.name)
+            if other != proxy.name:
+                errors.add(
+                    path, raw, f"is also the mac of proxy {other!r}; each proxy needs its own"
+                )
+
+
+PROXY_KEYS = {"name", "address", "mac", "macs", "mark", "table", "priority"}
 RELAY_KEYS = {"lan_networks", "mark_mask", "proxies"}
 
 
@@ -224,8 +291,9 @@ def relay_spec(lan_networks, mark_mask, proxies, prefix=""):
     Validate a relay's inputs and return a :class:`RelaySpec`.
 
     ``proxies`` is a mapping keyed by proxy name (or a list of mappings with
-    ``name``), each with ``address``, ``mark``, ``table``, ``priority`` and an
-    optional ``mac``. Raises :class:`InputError` naming every bad key and value.
+    ``name``), each with ``address``, ``mark``, ``table``, ``priority`` and
+    optional ``mac`` and ``macs`` (all of them marked with the proxy's mark;
+    neither: looked up by ARP at apply). Raises :class:`InputError` naming every bad key and value.
     """
     errors = _Errors(prefix)
     nets = []
@@ -258,9 +326,7 @@ def relay_spec(lan_networks, mark_mask, proxies, prefix=""):
             if key not in body:
                 errors.add(f"{base}:{key}", None, "is required")
         address = to_ipv4(body["address"], errors, f"{base}:address") if "address" in body else None
-        mac = None
-        if body.get("mac") not in (None, ""):
-            mac = to_mac(body["mac"], errors, f"{base}:mac")
+        macs = _proxy_macs(body, errors, base)
         mark = table = priority = None
         if "mark" in body:
             mark = to_int(body["mark"], errors, f"{base}:mark", what="an integer mark")
@@ -273,13 +339,14 @@ def relay_spec(lan_networks, mark_mask, proxies, prefix=""):
                 body["priority"], errors, f"{base}:priority", maximum=32767, what="a rule priority"
             )
             check_priority(priority, errors, f"{base}:priority", body["priority"])
-        parsed.append(Proxy(name, address, mark, table, priority, mac))
+        parsed.append(Proxy(name, address, mark, table, priority, macs=macs))
 
     def path_of(item, attribute):
         return f"proxies:{item.name}:{attribute}"
 
-    for attribute in ("mark", "table", "priority", "address", "mac"):
+    for attribute in ("mark", "table", "priority", "address"):
         _unique(parsed, attribute, errors, path_of)
+    _unique_macs(parsed, items, errors)
     errors.raise_if_any()
     return RelaySpec(tuple(nets), mask, tuple(sorted(parsed, key=lambda p: p.priority)))
 

@@ -130,11 +130,12 @@ class Plan:
 def relay_plan(spec, owner=RELAY, mark_aware_interfaces=()):
     """
     The relay's reply routing, as in the seed's answer, for a validated
-    :class:`~model.RelaySpec` whose proxies all have a MAC.
+    :class:`~model.RelaySpec` whose proxies all have a MAC (``macs``).
 
     PRE (from PREROUTING): restore the connmark into relayroute's bits; return
     when already marked; return for the relays' own networks (never marked);
-    per proxy, mark packets whose source MAC is the proxy's; save the mark into
+    per proxy and per MAC of it (``macs``: an HA pair's two nodes), mark
+    packets whose source MAC is that one with the proxy's mark; save the mark into
     the connmark. OUT (from OUTPUT): restore the connmark, so locally generated
     replies take the proxy's table.
 
@@ -146,7 +147,7 @@ def relay_plan(spec, owner=RELAY, mark_aware_interfaces=()):
     strict for everything else.
     """
     mask = spec.mark_mask
-    missing = [proxy.name for proxy in spec.proxies if not proxy.mac]
+    missing = [proxy.name for proxy in spec.proxies if not proxy.macs]
     if missing:
         raise ValueError(f"proxies without a MAC cannot be planned: {missing}")
     routes = tuple(
@@ -171,7 +172,10 @@ def relay_plan(spec, owner=RELAY, mark_aware_interfaces=()):
     )
     pre = [("restore_mark", mask), ("return_if_marked", mask)]
     pre += [("return_if_source", net) for net in spec.lan_networks]
-    pre += [("mark_from_mac", proxy.mac, proxy.mark, mask) for proxy in spec.proxies]
+    # One rule per MAC, all with the proxy's one mark (an HA pair: both nodes' NICs).
+    pre += [
+        ("mark_from_mac", mac, proxy.mark, mask) for proxy in spec.proxies for mac in proxy.macs
+    ]
     pre.append(("save_mark", mask))
     chains = (
         Chain("PRE", "prerouting", tuple(pre)),

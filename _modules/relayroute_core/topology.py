@@ -37,7 +37,7 @@ TOP_KEYS = {
     "lookup",
     "persist",
 }
-PROXY_ENTRY_KEYS = {"address", "mac", "mark", "table", "priority", "vip"}
+PROXY_ENTRY_KEYS = {"address", "mac", "macs", "mark", "table", "priority", "vip"}
 RELAY_ENTRY_KEYS = {"address", "ports"}
 PROXY_ROLE_KEYS = {
     "mark_mask",
@@ -474,6 +474,8 @@ def topology(config, minion_id=None):
                 for k, v in (
                     ("address", p.address),
                     ("mac", p.mac),
+                    # An HA pair's MACs, mac first; one MAC stays plain 'mac'.
+                    ("macs", list(p.macs) if len(p.macs) > 1 else None),
                     ("mark", p.mark),
                     ("table", p.table),
                     ("priority", p.priority),

@@ -314,3 +314,15 @@ def test_a_relay_the_pillar_does_not_list_gets_a_warning():
         "relayroute:relays: has no entry for this minion id 'relay11': it gets reply routing, "
         "but HAProxy sends it no mail (relays: relay1, relay2, relay3); did you mean 'relay1'?"
     )
+
+
+def test_ha_pair_macs_reach_the_relay_arguments():
+    config = copy.deepcopy(BASE["relayroute"])
+    config["proxies"][MINION]["macs"] = ["02:00:c0:00:02:0a", "02:00:C0:00:02:0B"]
+    result = topology.topology(config, "relay1")
+    assert result["errors"] == []
+    entry = result["relay"]["proxies"][MINION]
+    assert entry["mac"] == "02:00:c0:00:02:02"
+    assert entry["macs"] == ["02:00:c0:00:02:02", "02:00:c0:00:02:0a", "02:00:c0:00:02:0b"]
+    # One MAC stays the plain 'mac' it was.
+    assert "macs" not in result["relay"]["proxies"]["master-relay-2"]

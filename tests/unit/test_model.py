@@ -125,3 +125,79 @@ def test_proxy_spec_defaults_and_errors():
 def test_policy_route_needs_explicit_priority():
     with pytest.raises(model.InputError, match="priority: is required"):
         model.policy_route_spec(1000254, "192.0.2.2", 254, 0xFF, None)
+
+
+def test_macs_are_the_union_mac_first():
+    spec = relay(
+        proxies={
+            "m": {**GOOD_PROXY, "mac": "02:00:00:00:00:0A", "macs": ["02:00:00:00:00:0b"]},
+            "n": {
+                "address": "192.0.2.3",
+                "mark": 250,
+                "table": 1000250,
+                "priority": 1001,
+                "macs": ["02:00:00:00:00:0c", "02:00:00:00:00:0d"],
+            },
+        }
+    )
+    by_name = {p.name: p for p in spec.proxies}
+    assert by_name["m"].macs == ("02:00:00:00:00:0a", "02:00:00:00:00:0b")
+    assert by_name["m"].mac == "02:00:00:00:00:0a"
+    assert by_name["n"].macs == ("02:00:00:00:00:0c", "02:00:00:00:00:0d")
+    assert by_name["n"].mac == "02:00:00:00:00:0c"  # 'mac' keeps working: the first
+
+
+def test_mac_repeated_in_macs_counts_once():
+    spec = relay(
+        proxies={"m": {**GOOD_PROXY, "mac": "02:00:00:00:00:0a", "macs": ["02:00:00:00:00:0A"]}}
+    )
+    assert spec.proxies[0].macs == ("02:00:00:00:00:0a",)
+
+
+def test_neither_mac_nor_macs_leaves_it_to_arp():
+    assert relay().proxies[0].macs == ()
+    assert relay().proxies[0].mac is None
+
+
+@pytest.mark.parametrize(
+    ("macs", "expected"),
+    [
+        (
+            ["02:00:00:00:00:0a", "02:00:00:00:00:0A"],
+            "proxies:m:macs:1: is listed twice (also macs:0) (got '02:00:00:00:00:0A')",
+        ),
+        (
+            ["02:00:00:00:00:0a", "02:00:00:00:0b"],
+            "proxies:m:macs:1: is not a MAC address like 02:00:c0:00:02:02 (got '02:00:00:00:0b')",
+        ),
+        (
+            ["01:00:5e:00:00:01"],
+            "proxies:m:macs:0: is a multicast MAC address",
+        ),
+        ("02:00:00:00:00:0a", "proxies:m:macs: must be a non-empty list of MAC addresses"),
+        ([], "proxies:m:macs: must be a non-empty list of MAC addresses (got [])"),
+    ],
+)
+def test_bad_macs_name_the_index(macs, expected):
+    errors = errors_of(proxies={"m": {**GOOD_PROXY, "macs": macs}})
+    assert any(expected in error for error in errors), errors
+
+
+def test_a_mac_under_two_proxies_is_refused():
+    errors = errors_of(
+        proxies={
+            "a": {**GOOD_PROXY, "macs": ["02:00:00:00:00:0a", "02:00:00:00:00:0b"]},
+            "b": {
+                "address": "192.0.2.3",
+                "mark": 250,
+                "table": 1000250,
+                "priority": 1001,
+                "mac": "02:00:00:00:00:0c",
+                "macs": ["02:00:00:00:00:0B"],
+            },
+        }
+    )
+    assert errors == [
+        "proxies:b:macs:0: is also the mac of proxy 'a'; each proxy needs its own "
+        "(got '02:00:00:00:00:0B')"
+    ]

@@ -183,3 +183,33 @@ def test_relay_and_proxy_roles_do_not_touch_each_other():
     )
     payload = iptables.transaction(planner.empty_plan(planner.RELAY), iptables.parse_save(text))
     assert payload is None
+
+
+def test_ha_pair_each_mac_gets_the_proxys_one_mark():
+    spec = model.relay_spec(
+        ["192.0.2.0/24"],
+        0xFF,
+        {
+            "master-relay": {
+                "address": "192.0.2.2",
+                "mac": MAC,
+                "macs": [MAC2, "02:00:c0:00:02:04"],
+                "mark": 254,
+                "table": 1000254,
+                "priority": 1000,
+            }
+        },
+    )
+    relay = planner.relay_plan(spec)
+    pre = iptables.desired(relay)[0]["RELAYROUTE-RELAY-PRE"]
+    assert [line for line in pre if "--mac-source" in line] == [
+        f"-m mac --mac-source {MAC} -j MARK --set-xmark 0xfe/0xff",
+        f"-m mac --mac-source {MAC2} -j MARK --set-xmark 0xfe/0xff",
+        "-m mac --mac-source 02:00:c0:00:02:04 -j MARK --set-xmark 0xfe/0xff",
+    ]
+    # Still one route and one rule: one logical proxy, one table.
+    assert relay.lines() == {
+        "routes": ["default via 192.0.2.2 table 1000254 proto 210"],
+        "rules": ["1000: from all fwmark 0xfe/0xff lookup 1000254 proto 210"],
+    }
+
