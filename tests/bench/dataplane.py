@@ -480,6 +480,29 @@ def marked_flows(relay, source):
     return sum(f"mark={MARK}" in line for line in lines), len(lines)
 
 
+def check_marks(relay, variant, path, window):
+    """
+    After a window, the relay's conntrack shows which way its flows went: with
+    marks, every proxied flow carries the proxy's mark and no direct one does;
+    without, the relay tracks no connection at all.
+    """
+    marked, flows = marked_flows(relay, SOURCES[path])
+    window["relay_conntrack"] = {"marked": marked, "flows": flows}
+    if not variant.marks:
+        ok = flows == 0
+    elif path == "proxied":
+        ok = flows > 0 and marked == flows
+    else:
+        ok = flows > 0 and marked == 0
+    line = (
+        f"{variant.name}: {marked} of {flows} {path} flows in the relay's conntrack "
+        f"carry mark {MARK}"
+    )
+    if not ok:
+        raise Failed(f"{line}: unexpected")
+    return line
+
+
 # --------------------------------------------------------------------------
 # measurement
 
@@ -506,16 +529,8 @@ def measure(net, variants, loadgen, args, log, started):
                     before = {r: dropped(net[r]) for r in ("gw", "proxy")}
                     window = loadgen.measure(SOURCES[path], args.duration, args.clients)
                     window["dropped"] = {r: dropped(net[r]) - before[r] for r in ("gw", "proxy")}
-                    if path == "proxied" and index == 0:
-                        marked, flows = marked_flows(net["relay"], PROXIED)
-                        window["relay_conntrack"] = {"marked": marked, "flows": flows}
-                        ok = marked > 0 if variant.marks else flows == 0
-                        checks.append(
-                            f"{variant.name}: {marked} of {flows} proxied flows in the relay's "
-                            f"conntrack carry mark {MARK}" + ("" if ok else " (UNEXPECTED)")
-                        )
-                        if not ok:
-                            raise Failed(checks[-1])
+                    if index == 0:
+                        checks.append(check_marks(net["relay"], variant, path, window))
                     results[variant.name][path].append(window)
                     log(
                         f"round {index + 1} {variant.name:12} {path:8} "
@@ -675,6 +690,8 @@ def main(argv=None):
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _on_signal)
+    # Ctrl-C, even when started from a shell that ignores it for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def log(text):
         print(f"bench-dataplane: {text}", flush=True)
