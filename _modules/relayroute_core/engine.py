@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import iptables, netlink, persist, sysctl
+from . import iptables, netlink, persist, planner, sysctl
 from .model import InputError
 
 log = logging.getLogger(__name__)
@@ -403,10 +403,15 @@ def converge(
     saving = _persist_changes(plan, current, filter_backend, persist_target, prefix)
     if saving:
         todo.changes["persist"] = saving["changes"]
-    if test or not (todo or saving):
+    if test:
         return {"changes": todo.changes}
     if not todo:
-        _save(persist_target, plan, saving)
+        # Nothing to change; the data path is still proven, as after a change.
+        problems = lookup_problems(plan, current.kernel, prefix)
+        if problems:
+            raise ApplyError(f"{_lookups_failed(problems)}; nothing was changed")
+        if saving:
+            _save(persist_target, plan, saving)
         return {"changes": todo.changes}
 
     done = []
@@ -426,6 +431,9 @@ def converge(
                 "verification failed: after applying, the kernel still differs from the plan: "
                 f"{again.changes}"
             )
+        problems = lookup_problems(plan, now.kernel, prefix)
+        if problems:
+            raise RuntimeError(_lookups_failed(problems))
     except Exception as err:
         done += getattr(err, "done", [])
         problems = _rollback(done, filter_written, current, plan, filter_backend)
@@ -437,6 +445,23 @@ def converge(
     if saving:
         _save(persist_target, plan, saving)
     return {"changes": todo.changes}
+
+
+def lookup_problems(plan, kernel, prefix=""):
+    """
+    The kernel's own route lookups of the plan's data path (``plan.lookups``:
+    the relay role's, none for the other roles), compared with the plan.
+    Returns the problems, each naming the proxy, the lookup and the answer.
+    Netlink only, a few ms.
+    """
+    if not plan.lookups:
+        return []
+    answers = netlink.route_lookups(plan.lookups)
+    return planner.lookup_problems(answers, kernel.rules, prefix)
+
+
+def _lookups_failed(problems):
+    return "data-path verification failed: " + "; ".join(problems)
 
 
 def _save(target, plan, saving):

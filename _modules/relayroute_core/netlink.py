@@ -35,6 +35,9 @@ KIND_TYPES = {name: number for number, name in KINDS.items()}
 NUD_INCOMPLETE = 0x01
 NUD_FAILED = 0x20
 NUD_NOARP = 0x40
+# rtm_flags of a route get: report the table the answer came from, not 254.
+RTM_F_LOOKUP_TABLE = 0x1000
+MAIN_TABLE = 254
 
 
 class NetlinkOpError(RuntimeError):
@@ -263,6 +266,54 @@ def move_connmarks(old_mark, old_mask, new_mark, new_mask):
                 continue
             moved += 1
     return moved
+
+
+def _own_address_towards(ipr, gateway):
+    """The host's own IPv4 address on the network ``gateway`` is on (None: none)."""
+    target = ipaddress.IPv4Address(gateway)
+    for msg in ipr.get_addr(family=AF_INET):
+        addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+        if target in ipaddress.IPv4Interface(f"{addr}/{msg['prefixlen']}").network:
+            return addr
+    return None
+
+
+def _route_get(ipr, lookup, src):
+    args = {"dst": lookup.dst, "family": AF_INET, "flags": RTM_F_LOOKUP_TABLE}
+    if lookup.mark:
+        args["mark"] = lookup.mark
+    if src:
+        args["src"] = src
+    try:
+        msg = ipr.route("get", **args)[0]
+    except NetlinkError as err:
+        return (lookup, src, None, None, err.args[1] if len(err.args) > 1 else str(err))
+    return (lookup, src, msg.get("RTA_TABLE") or msg["table"], msg.get("RTA_GATEWAY"), None)
+
+
+@_wrap("route lookups over netlink")
+def route_lookups(lookups):
+    """
+    Ask the kernel's own route lookup each of ``lookups`` (planner.Lookup:
+    ``ip route get DST mark MARK``, and from the host's address on the
+    gateway's network when ``from_own``). Returns ``(lookup, src, table,
+    gateway, error)`` per lookup made; netlink only, no process.
+    """
+    answers = []
+    if not lookups:
+        return answers
+    with IPRoute() as ipr:
+        main_default = any(
+            not msg["dst_len"] for msg in ipr.get_routes(family=AF_INET, table=MAIN_TABLE)
+        )
+        for lookup in lookups:
+            if lookup.if_main_default and not main_default:
+                continue
+            answers.append(_route_get(ipr, lookup, None))
+            src = _own_address_towards(ipr, lookup.gateway) if lookup.from_own else None
+            if src:
+                answers.append(_route_get(ipr, lookup, src))
+    return answers
 
 
 def _neighbour_mac(ipr, address):

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 DEFAULT_DST = "0.0.0.0/0"
+# The outside address the data-path lookups ask the kernel about: TEST-NET-3
+# (RFC 5737), on no real network, so only default routes can answer for it.
+LOOKUP_DST = "203.0.113.254"
+MAIN_TABLE = 254
 
 
 @dataclass(frozen=True)
@@ -112,12 +116,47 @@ class Sysctl:
 
 
 @dataclass(frozen=True)
+class Lookup:
+    """
+    A route lookup the kernel must answer as planned once the plan is in place:
+    ``ip route get DST mark MARK`` (and ``from`` the host's own address on the
+    gateway's network when ``from_own``) must come from ``table``, via
+    ``gateway`` when one is given. ``mark`` 0 is an unmarked lookup; with
+    ``if_main_default`` it is only made when the main table has a default route.
+    """
+
+    name: str  # what it proves, e.g. the proxy's name, or "unmarked"
+    dst: str
+    mark: int
+    table: int
+    gateway: Optional[str] = None
+    from_own: bool = False
+    if_main_default: bool = False
+    priority: Optional[int] = None  # the planned rule that should answer it
+    origin: str = field(default="", compare=False)
+
+    def line(self, src=None):
+        words = ["ip route get", self.dst]
+        if src:
+            words += ["from", src]
+        if self.mark:
+            words += ["mark", f"{self.mark:#x}"]
+        return " ".join(words)
+
+    def wanted(self):
+        via = f"via {self.gateway} " if self.gateway else ""
+        return f"{via}table {self.table}"
+
+
+@dataclass(frozen=True)
 class Plan:
     owner: Owner
     routes: Tuple[Route, ...]
     rules: Tuple[Rule, ...]
     chains: Tuple[Chain, ...]
     sysctls: Tuple[Sysctl, ...] = ()
+    # Data-path proofs made after every apply (the relay role's; others have none).
+    lookups: Tuple[Lookup, ...] = ()
 
     def lines(self):
         """Routes and rules as an operator reads them (the filter side is backend-specific)."""
@@ -185,7 +224,95 @@ def relay_plan(spec, owner=RELAY, mark_aware_interfaces=()):
         Sysctl(f"net.ipv4.conf.{name}.src_valid_mark", "1", origin=f"interface {name}")
         for name in sorted(set(mark_aware_interfaces))
     )
-    return Plan(owner, routes, rules, chains, sysctls)
+    return Plan(owner, routes, rules, chains, sysctls, relay_lookups(spec))
+
+
+def relay_lookups(spec):
+    """
+    The data path a relay must have, as route lookups the kernel answers
+    itself: an outside address with each proxy's mark leaves via the proxy from
+    its table (also from the relay's own address, as its replies are), and
+    without a mark via the main table (when it has a default route). This
+    catches what comparing rules cannot: another tool's rule at a smaller
+    priority number that shadows relayroute's, a missing route, a wrong table.
+    """
+    lookups = [
+        Lookup(
+            proxy.name,
+            LOOKUP_DST,
+            proxy.mark,
+            proxy.table,
+            gateway=proxy.address,
+            from_own=True,
+            priority=proxy.priority,
+            origin=f"proxies:{proxy.name}",
+        )
+        for proxy in spec.proxies
+    ]
+    lookups.append(
+        Lookup("unmarked", LOOKUP_DST, 0, MAIN_TABLE, if_main_default=True, origin="unmarked")
+    )
+    return tuple(lookups)
+
+
+def lookup_problems(answers, rules, prefix=""):
+    """
+    Pure: compare the kernel's answers to the plan's lookups. ``answers`` are
+    ``(lookup, src, table, gateway, error)`` (``error`` the kernel's refusal,
+    or None); ``rules`` the ip rules now (objects with ``priority``,
+    ``fwmark``, ``fwmask``, ``table``, ``selectors`` and ``line()``), used to
+    name a rule that shadows relayroute's. Returns one message per wrong
+    answer, naming the key path, the lookup and what the kernel answered.
+    """
+    problems = []
+    for lookup, src, table, gateway, error in answers:
+        path = f"{prefix}:{lookup.origin}" if prefix else lookup.origin
+        asked = lookup.line(src)
+        if error:
+            problems.append(
+                f"{path}: '{asked}' failed ({error}), expected {lookup.wanted()} (got {error!r})"
+            )
+            continue
+        if table == lookup.table and (lookup.gateway is None or gateway == lookup.gateway):
+            continue
+        got = f"via {gateway} table {table}" if gateway else f"table {table}"
+        problems.append(
+            f"{path}: '{asked}' answered {got}, expected {lookup.wanted()}: "
+            f"{_why(lookup, table, rules)} (got {got!r})"
+        )
+    return problems
+
+
+def _why(lookup, table, rules):
+    """What made a lookup answer from the wrong place, in an operator's words."""
+    if table != lookup.table:
+        shadows = [
+            rule
+            for rule in rules
+            if rule.table == table
+            and table != MAIN_TABLE
+            and _rule_takes_mark(rule, lookup.mark)
+            and (lookup.priority is None or rule.priority < lookup.priority)
+        ]
+        if shadows:
+            rule = min(shadows, key=lambda r: r.priority)
+            whose = f"relayroute's at priority {lookup.priority}" if lookup.priority else "the plan"
+            return f"a rule at priority {rule.priority} ('{rule.line()}') shadows {whose}"
+        if table == MAIN_TABLE and lookup.mark:
+            return (
+                f"no rule sends mark {lookup.mark:#x} to table {lookup.table}, or the table "
+                "has no route: the lookup fell through to the main table"
+            )
+        return f"table {table} answered instead of table {lookup.table}"
+    return f"table {table}'s route does not go via {lookup.gateway}"
+
+
+def _rule_takes_mark(rule, mark):
+    """Whether an ip rule's fwmark selector (none: every mark) matches ``mark``."""
+    if not rule.fwmark and not rule.fwmask:
+        return True
+    mask = rule.fwmask or 0xFFFFFFFF
+    return mark & mask == rule.fwmark
 
 
 def proxy_plan(spec, owner=PROXY):

@@ -269,3 +269,42 @@ def test_formula_relay_role_with_a_mask_other_than_0xff(loaders, relay_ns, tmp_p
         )
         again = loaders.modules.state.sls("relayroute.relay", pillar=pillar)
         assert all(state["changes"] == {} for state in again.raw.values()), again.raw
+
+
+def test_a_foreign_rule_that_shadows_relayroute_fails_the_lookup_and_rolls_back(loaders, relay_ns):
+    """
+    Another tool's rule at a smaller priority number takes relayroute's mark
+    to its own table: comparing rules sees nothing wrong, the kernel's own
+    route lookup does. The state fails naming the rule; the host is as before.
+    """
+    plant_foreign_state(relay_ns, vpn_fwmark="0xfe/0xff")
+    before = relay_ns.snapshot()
+    with relay_ns.entered():
+        ret = loaders.states.relayroute.relay_present(name="r", prefix="relayroute", **ARGS)
+    assert ret.result is False
+    assert "data-path verification failed" in ret.comment
+    assert (
+        "relayroute:proxies:master-relay: 'ip route get 203.0.113.254 mark 0xfe' answered via "
+        "192.0.2.1 table 51820, expected via 192.0.2.2 table 1000254: a rule at priority 900"
+    ) in ret.comment
+    assert "from 192.0.2.11 mark 0xfe" in ret.comment  # the relay's own replies too
+    assert "shadows relayroute's at priority 1000" in ret.comment
+    assert "previous state was restored" in ret.comment
+    assert relay_ns.snapshot() == before
+
+
+def test_a_shadowing_rule_added_later_fails_the_no_op_reapply(loaders, relay_ns):
+    with relay_ns.entered():
+        assert loaders.states.relayroute.relay_present(name="r", **ARGS).result is True
+        relay_ns.ip("route add default via 192.0.2.3 table 51820")
+        relay_ns.ip("rule add priority 900 lookup 51820")
+        before = relay_ns.snapshot()
+        ret = loaders.states.relayroute.relay_present(name="r", **ARGS)
+        assert ret.result is False
+        assert "a rule at priority 900" in ret.comment
+        assert "nothing was changed" in ret.comment
+        assert relay_ns.snapshot() == before
+        relay_ns.ip("rule del priority 900")
+        again = loaders.states.relayroute.relay_present(name="r", **ARGS)
+        assert again.result is True
+        assert again.changes == {}

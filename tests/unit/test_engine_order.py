@@ -105,6 +105,23 @@ class Host:
                 raise AssertionError(f"unexpected operation {verb} {obj!r}")
         return list(ops)
 
+    def route_lookups(self, lookups):
+        """The kernel's lookup, simulated: rules by priority, the first table with a route."""
+        answers = []
+        main = self.routes.get((254, planner.DEFAULT_DST, "unicast"))
+        for lookup in lookups:
+            if lookup.if_main_default and main is None:
+                continue
+            for src in (None, "192.0.2.11") if lookup.from_own else (None,):
+                table, gateway = 254, main.gateway if main else None
+                for rule in sorted(self.rules.values(), key=lambda r: r.priority):
+                    route = self.routes.get((rule.table, planner.DEFAULT_DST, "unicast"))
+                    if lookup.mark & rule.fwmask == rule.fwmark and route:
+                        table, gateway = rule.table, route.gateway
+                        break
+                answers.append((lookup, src, table, gateway, None))
+        return answers
+
     def backend(self):
         """The iptables backend, with its read and apply on this host."""
 
@@ -129,6 +146,7 @@ def converge(monkeypatch):
     def run(host, plan):
         monkeypatch.setattr(netlink, "run_ops", host.run_ops)
         monkeypatch.setattr(netlink, "read", host.kernel)
+        monkeypatch.setattr(netlink, "route_lookups", host.route_lookups)
         monkeypatch.setattr(engine.sysctl, "read", lambda keys: {})
         host.target = plan
         backend = host.backend()
@@ -195,3 +213,35 @@ def test_removal_of_everything_stops_marking_first(converge):
     _changes, steps = converge(Host(relay_plan(MASTER)), planner.empty_plan(planner.RELAY))
     assert steps[0] == "filter transaction"
     assert steps[1:] == ["rule_del 0xfe -> 1000254", "route_del table 1000254"]
+
+
+def test_a_shadowing_rule_fails_the_lookup_and_everything_is_undone(converge):
+    host = Host()
+    shadow = netlink.KernelRule(900, 51820, 0xFE, 0xFF, 4, 1, ())
+    host.rules[("foreign",)] = shadow
+    host.routes[(51820, planner.DEFAULT_DST, "unicast")] = planner.Route(
+        51820, 4, gateway="192.0.2.9"
+    )
+    with pytest.raises(engine.ApplyError) as info:
+        converge(host, relay_plan(MASTER))
+    message = str(info.value)
+    assert "data-path verification failed" in message
+    assert (
+        "a rule at priority 900 ('900: from all fwmark 0xfe/0xff lookup 51820 proto 4')" in message
+    )
+    assert "answered via 192.0.2.9 table 51820, expected via 192.0.2.2 table" in message
+    assert "the previous state was restored" in message
+    # Undone, newest first: the rule, then the route relayroute had added.
+    assert [rule for rule in host.rules.values() if rule.proto == planner.RELAY.proto] == []
+    assert [route for route in host.routes.values() if route.proto == planner.RELAY.proto] == []
+
+
+def test_a_shadowing_rule_fails_a_no_op_apply_changing_nothing(converge):
+    host = Host(relay_plan(MASTER))
+    host.rules[("foreign",)] = netlink.KernelRule(900, 51820, 0, 0, 4, 1, ())
+    host.routes[(51820, planner.DEFAULT_DST, "unicast")] = planner.Route(
+        51820, 4, gateway="192.0.2.9"
+    )
+    with pytest.raises(engine.ApplyError, match="nothing was changed"):
+        converge(host, relay_plan(MASTER))
+    assert host.steps == []

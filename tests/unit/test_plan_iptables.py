@@ -213,3 +213,53 @@ def test_ha_pair_each_mac_gets_the_proxys_one_mark():
         "rules": ["1000: from all fwmark 0xfe/0xff lookup 1000254 proto 210"],
     }
 
+
+def test_relay_plan_carries_its_data_path_lookups_other_roles_none():
+    relay = planner.relay_plan(seed_spec(second=True))
+    assert [(lk.name, lk.mark, lk.table, lk.gateway, lk.from_own) for lk in relay.lookups] == [
+        ("master-relay", 0xFE, 1000254, "192.0.2.2", True),
+        ("master-relay-2", 0xFA, 1000250, "192.0.2.3", True),
+        ("unmarked", 0, 254, None, False),
+    ]
+    assert relay.lookups[-1].if_main_default
+    assert planner.proxy_plan(model.proxy_spec()).lookups == ()
+    assert planner.empty_plan(planner.RELAY).lookups == ()
+
+
+def _rule(priority, fwmark, fwmask, table):
+    from relayroute_core import netlink  # noqa: PLC0415 - only the rule record
+
+    return netlink.KernelRule(priority, table, fwmark, fwmask, 4, 1, ())
+
+
+def test_lookup_problems_name_the_proxy_the_lookup_and_the_answer():
+    relay = planner.relay_plan(seed_spec())
+    proxy, unmarked = relay.lookups
+    rules = [_rule(900, 0xFE, 0xFF, 51820), _rule(1000, 0xFE, 0xFF, 1000254)]
+    good = [
+        (proxy, None, 1000254, "192.0.2.2", None),
+        (proxy, "192.0.2.11", 1000254, "192.0.2.2", None),
+        (unmarked, None, 254, "192.0.2.1", None),
+    ]
+    assert planner.lookup_problems(good, rules) == []
+    shadowed = [(proxy, "192.0.2.11", 51820, "192.0.2.9", None)]
+    assert planner.lookup_problems(shadowed, rules, "relayroute") == [
+        "relayroute:proxies:master-relay: 'ip route get 203.0.113.254 from 192.0.2.11 mark 0xfe' "
+        "answered via 192.0.2.9 table 51820, expected via 192.0.2.2 table 1000254: a rule at "
+        "priority 900 ('900: from all fwmark 0xfe/0xff lookup 51820 proto 4') shadows "
+        "relayroute's at priority 1000 (got 'via 192.0.2.9 table 51820')"
+    ]
+    fell_through = planner.lookup_problems([(proxy, None, 254, "192.0.2.1", None)], rules)
+    assert "fell through to the main table" in fell_through[0]
+    wrong_gateway = planner.lookup_problems([(proxy, None, 1000254, "192.0.2.7", None)], rules)
+    assert "table 1000254's route does not go via 192.0.2.2" in wrong_gateway[0]
+    refused = planner.lookup_problems([(proxy, None, None, None, "Network is unreachable")], [])
+    assert refused[0].startswith(
+        "proxies:master-relay: 'ip route get 203.0.113.254 mark 0xfe' failed "
+        "(Network is unreachable)"
+    )
+    unmarked_wrong = planner.lookup_problems([(unmarked, None, 51820, "192.0.2.9", None)], rules)
+    assert (
+        "unmarked: 'ip route get 203.0.113.254' answered via 192.0.2.9 table 51820"
+        in (unmarked_wrong[0])
+    )
