@@ -37,10 +37,22 @@ several rounds, each measured on both paths (relay 192.0.2.11, port 25):
   destination rule (``ip rule to 203.0.113.20 lookup 1000254``), which works
   here only because the benchmark knows which client comes through the proxy.
 
-Reported: per configuration and path the median sessions per second over the
-rounds, and the ratio relayroute / hand-written (of the medians, and the median
-of the ratios round by round). Timings are of the whole system: load generator,
-routers, relay and server share this machine's CPUs with whatever else runs.
+Reported, per configuration and path, medians over the rounds of:
+
+- sessions per second: what a user asks, and what another process on the
+  machine halves when it takes one of the CPUs for a while;
+- CPU microseconds per session: on-CPU time (``/proc/PID/task/*/schedstat``)
+  of the load generator, the responder and the ksoftirqd threads. Namespaces
+  pass packets in softirq context, charged to the process that sends them when
+  the kernel does no separate IRQ time accounting (``CONFIG_IRQ_TIME_ACCOUNTING``
+  unset, as here), so this holds the routers', the relay's and the packet
+  filter's work too, and is far less sensitive to other load;
+- the whole machine's busy time per session (``/proc/stat``), others' load
+  included.
+
+and the ratios relayroute / hand-written and no-marks / hand-written (of the
+medians, and the median of the ratios round by round, each pair measured next to
+each other). Nothing is enforced: the figures depend on the machine.
 
     .venv/bin/python tests/bench/dataplane.py [--rounds N] [--duration S]
         [--clients N] [--server python|postfix] [--json FILE]
