@@ -47,11 +47,29 @@ class Target:
     systemd_dir: str = "/etc/systemd/system"
 
 
+# relayroute's host lock: engine.LOCK_PATH, which every apply holds (flock(2))
+# from its read to its last write; RELAYROUTE_LOCK overrides it for both.
+DEFAULT_LOCK = "/run/relayroute/lock"
+# How long a restore waits for an apply in progress (the engine's own wait).
+LOCK_WAIT = 120
+
 HEADER = """\
 #!/bin/sh
 # relayroute: restores the {role} role's routing at boot, without Salt.
 # Generated from the last successful apply; the next apply rewrites it.
+# Run by relayroute-{role}.service at boot and by relayroute-{role}-watch.service
+# when the kernel lost part of it; idempotent: what is in place stays untouched.
 set -eu
+# Under relayroute's host lock, the one every apply holds: never halfway through
+# an apply. Once the lock is held the script is read again from its path, so a
+# restore that waited for an apply runs what that apply wrote (or nothing, when
+# it removed the role).
+if [ "${{RELAYROUTE_LOCKED:-}}" != "$0" ]; then
+    lock=${{RELAYROUTE_LOCK:-{lock}}}
+    mkdir -p "${{lock%/*}}"
+    RELAYROUTE_LOCKED=$0 exec flock -w {wait} "$lock" \\
+        /bin/sh -c 'if [ -e "$0" ]; then exec /bin/sh "$0"; fi' "$0"
+fi
 """
 
 
@@ -64,15 +82,16 @@ def restore_script(plan, filter_backend):
     """The boot-time restore script for ``plan`` (None when the plan is empty)."""
     if not (plan.routes or plan.rules or plan.chains or plan.sysctls):
         return None
-    lines = [HEADER.format(role=plan.owner.role)]
+    lines = [HEADER.format(role=plan.owner.role, lock=DEFAULT_LOCK, wait=LOCK_WAIT)]
     lines.append("# Kernel parameters")
     lines += [f"sysctl -qw {item.key}={item.value}" for item in plan.sysctls]
     lines.append("# Policy tables first, then the rules that use them")
     lines += [f"ip -4 route replace {route.line()}" for route in plan.routes]
+    # A rule in place is left alone (a repair on a live host must not take away,
+    # even for an instant, the rule its replies use); a missing one is added.
     for rule in plan.rules:
         spec = bootfiles.rule_line(rule, with_protocol=True)
-        lines.append(f"ip -4 rule del {spec} 2>/dev/null || true")
-        lines.append(f"ip -4 rule add {spec}")
+        lines.append(f"ip -4 rule show {spec} | grep -q . || ip -4 rule add {spec}")
     lines.append("# The packet filter last: marking starts once routes and rules exist")
     lines += filter_backend.restore_commands(plan)
     return "\n".join(lines) + "\n"
