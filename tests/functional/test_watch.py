@@ -1,0 +1,165 @@
+"""
+Between applies, on the real kernel: the restore script takes relayroute's
+host lock (never halfway through an apply), and the watcher
+(relayroute/files/relayroute-watch) puts the relay's rules and routes back,
+by running that script, when a link bounce or a deletion removed them.
+"""
+
+import fcntl
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.functional.test_relay import ARGS
+from tests.support.hosts import lose_runtime_state
+
+pytestmark = pytest.mark.root
+
+WATCHER = Path(__file__).resolve().parents[2] / "relayroute" / "files" / "relayroute-watch"
+# The repair must be in place within 2 s of the event; the polls wait wider.
+REPAIR_BOUND = 2.0
+
+
+def applied(loaders, relay_ns, tmp_path):
+    persist = tmp_path / "relayroute"
+    with relay_ns.entered():
+        loaders.modules.relayroute.relay_apply(persist_dir=str(persist), **ARGS)
+    return persist / "relay.restore", relay_ns.snapshot()
+
+
+class HeldLock:
+    """relayroute's host lock (RELAYROUTE_LOCK, as the engine takes it), held by the test."""
+
+    def __init__(self):
+        path = os.environ["RELAYROUTE_LOCK"]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.handle = open(path, "a")  # noqa: SIM115 - released by release()
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+
+    def release(self):
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def wait_for(condition, timeout):
+    """Seconds until ``condition()`` held (polled every 20 ms), or None after ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.02)
+    return None
+
+
+def test_restore_waits_for_an_apply_and_runs_what_it_left(loaders, relay_ns, tmp_path):
+    script, state = applied(loaders, relay_ns, tmp_path)
+    lose_runtime_state(relay_ns, [1000254])
+    lost = relay_ns.snapshot()
+    lock = HeldLock()
+    try:
+        restore = relay_ns.popen(["/bin/sh", str(script)])
+        time.sleep(1.0)
+        # Blocked on the lock, having changed nothing.
+        assert restore.poll() is None
+        assert relay_ns.snapshot() == lost
+    finally:
+        lock.release()
+    assert restore.wait(timeout=30) == 0
+    assert relay_ns.snapshot() == state
+
+    # An apply that removes the role while a restore waits: the restore reads
+    # the script again once it holds the lock, finds none, and does nothing.
+    lose_runtime_state(relay_ns, [1000254])
+    lock = HeldLock()
+    try:
+        restore = relay_ns.popen(["/bin/sh", str(script)])
+        time.sleep(0.5)
+        script.rename(script.with_suffix(".gone"))
+    finally:
+        lock.release()
+    assert restore.wait(timeout=30) == 0
+    assert relay_ns.snapshot() == lost
+
+
+def test_restore_leaves_a_rule_in_place_alone(loaders, relay_ns, tmp_path):
+    """A repair on a live host never takes away, even for an instant, a rule in use."""
+    script, state = applied(loaders, relay_ns, tmp_path)
+    monitor = relay_ns.popen(["ip", "-o", "monitor", "rule"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    relay_ns.exec(["/bin/sh", str(script)])
+    relay_ns.exec(["/bin/sh", str(script)])
+    time.sleep(0.3)
+    monitor.terminate()
+    events = monitor.communicate(timeout=10)[0]
+    assert "Deleted" not in events, events
+    assert relay_ns.snapshot() == state
+
+
+def start_watcher(relay_ns, script, log):
+    proc = relay_ns.popen(
+        ["/bin/bash", str(WATCHER), "-d", "0.2", str(script)], stderr=log.open("w")
+    )
+    assert wait_for(lambda: "watching" in log.read_text(), 10) is not None, log.read_text()
+    return proc
+
+
+def table_route(relay_ns):
+    return "default via 192.0.2.2" in relay_ns.exec("ip -4 route show table 1000254").stdout
+
+
+def test_watcher_repairs_a_link_bounce_and_deletions(loaders, relay_ns, tmp_path):
+    script, state = applied(loaders, relay_ns, tmp_path)
+    log = tmp_path / "watch.log"
+    watcher = start_watcher(relay_ns, script, log)
+    figures = {}
+
+    relay_ns.ip("link set eth0 down")
+    assert not table_route(relay_ns)  # the kernel took the proxy's route with the link
+    time.sleep(1.0)
+    relay_ns.ip("link set eth0 up")
+    figures["link bounce"] = wait_for(lambda: table_route(relay_ns), 10)
+    # The main table's default route is the network configuration's (ifup's) to put back.
+    relay_ns.ip("route replace default via 192.0.2.1")
+
+    relay_ns.ip("rule del priority 1000")
+    figures["rule deleted"] = wait_for(
+        lambda: "lookup 1000254" in relay_ns.exec("ip -4 rule show").stdout, 10
+    )
+    relay_ns.ip("route del default table 1000254")
+    figures["route deleted"] = wait_for(lambda: table_route(relay_ns), 10)
+    time.sleep(0.5)
+    assert relay_ns.snapshot() == state
+
+    # Never halfway through an apply: while the lock is held the repair waits.
+    lock = HeldLock()
+    try:
+        relay_ns.ip("rule del priority 1000")
+        time.sleep(1.0)
+        assert "lookup 1000254" not in relay_ns.exec("ip -4 rule show").stdout
+    finally:
+        lock.release()
+    figures["rule deleted during an apply, after the apply"] = wait_for(
+        lambda: "lookup 1000254" in relay_ns.exec("ip -4 rule show").stdout, 10
+    )
+    wait_for(lambda: log.read_text().count("repaired (") >= 4, 10)
+    watcher.terminate()
+    watcher.wait(timeout=10)
+    text = log.read_text()
+    print("\n=== watcher repairs (seconds after the event):", figures)
+    print(text)
+    assert all(took is not None and took < REPAIR_BOUND + 1.0 for took in figures.values()), (
+        figures,
+        text,
+    )
+    assert figures["link bounce"] < REPAIR_BOUND, figures
+    assert "repaired (link up: eth0): put back route default via 192.0.2.2" in text
+    assert "repaired (deleted: 1000: from all fwmark 0xfe/0xff lookup 1000254 proto 210)" in text
+
+    # The control: without the watcher a bounce leaves the proxy's table empty.
+    relay_ns.ip("link set eth0 down")
+    relay_ns.ip("link set eth0 up")
+    time.sleep(REPAIR_BOUND + 1.0)
+    assert not table_route(relay_ns)
