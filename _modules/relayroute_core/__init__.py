@@ -16,6 +16,7 @@ sync copies the whole tree). Each sub-module has one job:
 - ``iptables``: the packet-filter backend (one read, one transaction)
 - ``netlink``: rules, routes, neighbours and conntrack through pyroute2
 - ``engine``: read, diff, apply, verify, roll back
+- ``check``: the monitoring check's verdict and node_exporter metrics
 - ``persist``, ``bootfiles``: what the host restores at boot without Salt
 
 :depends: pyroute2 >= 0.9, iptables (nf_tables or legacy) with the mac,
@@ -24,6 +25,7 @@ sync copies the whole tree). Each sub-module has one job:
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import platform
 import sys
@@ -46,6 +48,10 @@ if __name__ not in sys.modules:
 
 from . import engine, model, netlink, planner, topology  # noqa: E402
 from . import persist as persistence  # noqa: E402
+
+# The sub-module ``check`` by its full name: the package's attribute ``check``
+# is the Salt function below (on a reload, ``from . import check`` gives that).
+checking = importlib.import_module(f"{__name__}.check")
 
 log = logging.getLogger(__name__)
 
@@ -494,3 +500,104 @@ def flows(mark_mask=0xFFFFFFFF, port=None):
         return [flow.line() for flow in netlink.flows(mask, port)]
     except RuntimeError as err:
         raise _fail(err) from err
+
+
+def check(
+    lan_networks,
+    mark_mask,
+    proxies,
+    backend="iptables",
+    prefix="",
+    textfile=None,
+    retcode=True,
+    summary_only=False,
+):
+    """
+    Check a relay against its plan, for monitoring: read the kernel (nothing
+    is changed), compare relayroute's rules, table routes, chains and kernel
+    parameters with the plan for these inputs (the arguments of
+    :func:`relay_apply`), make the kernel's own route lookups (each proxy's
+    mark must leave via the proxy, from its table, also from the relay's own
+    address; no mark via the main table), and check each proxy's neighbour
+    entry carries a MAC relayroute marks. Returns ``{"ok": bool, "summary":
+    "one line", "differences": [...]}``, each difference naming the key path
+    and what the kernel has.
+
+    When not ok, the call's return code is 2 (Salt's ``retcode``, which
+    ``salt-call --retcode-passthrough`` exits with): a Nagios CRITICAL.
+
+    A proxy without ``mac``/``macs`` is looked up in the neighbour table,
+    resolved through ARP when absent (which fills only the neighbour cache).
+
+    textfile
+        Also write node_exporter metrics to this path, atomically:
+        ``relayroute_drift`` (0/1), ``relayroute_proxy_lookup_ok{proxy=...}``
+        and ``relayroute_flows{mark=...}`` (conntrack flows by connmark).
+    retcode
+        Set the return code 2 on drift (default); ``False`` to only return.
+    summary_only
+        Return only the one-line summary (what a Nagios-style check prints).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.check '[192.0.2.0/24]' 0xff \\
+            '{master-relay: {address: 192.0.2.2, mark: 254, table: 1000254, priority: 1000}}'
+    """
+    spec = _relay_spec(lan_networks, mark_mask, proxies, prefix)
+    filter_backend = _backend(backend)
+    kernel = _kernel()
+    spec, interfaces = _resolve_proxies(spec, kernel, prefix)
+    relay = planner.relay_plan(spec, mark_aware_interfaces=interfaces)
+    try:
+        result = checking.run(relay, filter_backend, kernel, prefix, textfile)
+    except (RuntimeError, OSError) as err:
+        raise _fail(err) from err
+    if retcode and not result["ok"]:
+        __context__["retcode"] = 2  # noqa: F821 - injected by Salt's loader
+    return result["summary"] if summary_only else result
+
+
+def check_topology(textfile=None, retcode=True, summary_only=False):
+    """
+    :func:`check` with the relay arguments of this minion's pillar
+    (``relayroute``, validated as the formula does): what a monitoring
+    system runs on every relay. A pillar that does not validate is a failed
+    check whose differences are the pillar's errors.
+
+    Exit code 2 on drift, for Nagios-style checks outside Salt:
+
+    .. code-block:: bash
+
+        salt-call --local --retcode-passthrough --out=txt \\
+            relayroute.check_topology summary_only=True   # 0 OK, 2 CRITICAL
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.check_topology
+        salt relay1 relayroute.check_topology \\
+            textfile=/var/lib/prometheus/node-exporter/relayroute.prom
+    """
+    config = __pillar__.get("relayroute")  # noqa: F821 - injected by Salt's loader
+    result = topology.topology(config, __grains__.get("id"))  # noqa: F821
+    if result["errors"]:
+        verdict = {
+            "ok": False,
+            "summary": f"relayroute CRITICAL: the pillar does not validate: {result['errors'][0]}",
+            "differences": result["errors"],
+        }
+        if retcode:
+            __context__["retcode"] = 2  # noqa: F821
+        return verdict["summary"] if summary_only else verdict
+    backend = (config or {}).get("backend", "iptables")
+    return check(
+        backend=backend,
+        prefix="relayroute",
+        textfile=textfile,
+        retcode=retcode,
+        summary_only=summary_only,
+        **result["relay"],
+    )

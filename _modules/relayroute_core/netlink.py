@@ -268,13 +268,12 @@ def move_connmarks(old_mark, old_mask, new_mark, new_mask):
     return moved
 
 
-def _own_address_towards(ipr, gateway):
+def _own_address_towards(networks, gateway):
     """The host's own IPv4 address on the network ``gateway`` is on (None: none)."""
     target = ipaddress.IPv4Address(gateway)
-    for msg in ipr.get_addr(family=AF_INET):
-        addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
-        if target in ipaddress.IPv4Interface(f"{addr}/{msg['prefixlen']}").network:
-            return addr
+    for interface in networks:
+        if target in interface.network:
+            return str(interface.ip)
     return None
 
 
@@ -306,11 +305,17 @@ def route_lookups(lookups):
         main_default = any(
             not msg["dst_len"] for msg in ipr.get_routes(family=AF_INET, table=MAIN_TABLE)
         )
+        networks = [
+            ipaddress.IPv4Interface(
+                f"{msg.get('IFA_LOCAL') or msg.get('IFA_ADDRESS')}/{msg['prefixlen']}"
+            )
+            for msg in ipr.get_addr(family=AF_INET)
+        ]
         for lookup in lookups:
             if lookup.if_main_default and not main_default:
                 continue
             answers.append(_route_get(ipr, lookup, None))
-            src = _own_address_towards(ipr, lookup.gateway) if lookup.from_own else None
+            src = _own_address_towards(networks, lookup.gateway) if lookup.from_own else None
             if src:
                 answers.append(_route_get(ipr, lookup, src))
     return answers
