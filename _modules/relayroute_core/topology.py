@@ -37,7 +37,7 @@ TOP_KEYS = {
     "lookup",
     "persist",
 }
-PROXY_ENTRY_KEYS = {"address", "mac", "macs", "mark", "table", "priority", "vip"}
+PROXY_ENTRY_KEYS = {"address", "mac", "macs", "mark", "table", "priority", "vip", "nodes"}
 RELAY_ENTRY_KEYS = {"address", "ports"}
 PROXY_ROLE_KEYS = {
     "mark_mask",
@@ -376,6 +376,7 @@ def topology(config, minion_id=None):
     # Proxies: each proxy's rule priority defaults to priority_base + its rank by name.
     relay_proxies = {}
     vips = {}
+    node_of = {}  # minion id of an HA pair's node: the proxy entry it runs
     for rank, name in enumerate(sorted(proxies, key=str)):
         entry = proxies[name]
         if not isinstance(entry, dict):
@@ -392,6 +393,7 @@ def topology(config, minion_id=None):
                     entry["vip"],
                     f"is relay {relay_addresses[vip]!r}'s address, not one of the proxy's",
                 )
+        _nodes(entry, name, proxies, relays, node_of, errors)
         body = {k: v for k, v in entry.items() if k in model.PROXY_KEYS}
         if "priority" not in body and base is not None:
             body["priority"] = base + rank
@@ -485,12 +487,13 @@ def topology(config, minion_id=None):
             for p in spec.proxies
         },
     }
-    if minion_id in proxies:
-        address = next(p.address for p in spec.proxies if p.name == str(minion_id))
+    entry_name = minion_id if minion_id in proxies else node_of.get(minion_id)
+    if entry_name is not None:
+        address = next(p.address for p in spec.proxies if p.name == str(entry_name))
         proxy_args = {
             "name": minion_id,
             "address": address,
-            "vip": vips[minion_id],
+            "vip": vips[entry_name],
             "ports": ports,
             "divert_mark": proxy_spec.divert_mark,
             "divert_table": proxy_spec.divert_table,
@@ -510,8 +513,34 @@ def topology(config, minion_id=None):
         "errors": [],
         "relay": relay_args,
         "proxy": proxy_args,
-        "unlisted_relay": None if minion_id in proxies else unlisted_relay(minion_id, relays),
+        "unlisted_relay": None if entry_name is not None else unlisted_relay(minion_id, relays),
     }
+
+
+def _nodes(entry, name, proxies, relays, node_of, errors):
+    """
+    ``nodes``: the minion ids of an HA pair's HAProxy boxes that run this
+    proxy entry (the proxy role: TPROXY divert, HAProxy), when the entry's own
+    name is no minion's. Each node runs one proxy entry and has no other role.
+    """
+    if "nodes" not in entry:
+        return
+    nodes, where = entry["nodes"], f"proxies:{name}:nodes"
+    if not isinstance(nodes, (list, tuple)) or not nodes:
+        errors.add(where, nodes, "must be a non-empty list of the HA pair's minion ids")
+        return
+    for index, node in enumerate(nodes):
+        path = f"{where}:{index}"
+        if not isinstance(node, str) or not node.strip():
+            errors.add(path, node, "must be a minion id")
+        elif node in relays:
+            errors.add(path, node, "is listed as a relay too; a minion has one role")
+        elif node in proxies and node != name:
+            errors.add(path, node, f"is proxy {node!r}'s own entry; a minion runs one proxy")
+        elif node in node_of:
+            errors.add(path, node, f"is also a node of proxy {node_of[node]!r}")
+        else:
+            node_of[node] = str(name)
 
 
 def unlisted_relay(minion_id, relays):

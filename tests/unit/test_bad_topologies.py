@@ -326,3 +326,16 @@ def test_ha_pair_macs_reach_the_relay_arguments():
     assert entry["macs"] == ["02:00:c0:00:02:02", "02:00:c0:00:02:0a", "02:00:c0:00:02:0b"]
     # One MAC stays the plain 'mac' it was.
     assert "macs" not in result["relay"]["proxies"]["master-relay-2"]
+
+
+@pytest.mark.parametrize("node", ["haproxy-a", "haproxy-b"])
+def test_each_node_of_an_ha_pair_gets_its_proxy_role(node):
+    config = copy.deepcopy(BASE["relayroute"])
+    config["proxies"]["master-relay-2"]["nodes"] = ["haproxy-a", "haproxy-b"]
+    result = topology.topology(config, node)
+    assert result["errors"] == []
+    assert result["proxy"]["name"] == node  # HAProxy's EHLO names the node
+    assert result["proxy"]["vip"] == "198.51.100.26"
+    assert result["unlisted_relay"] is None
+    assert "nodes" not in result["relay"]["proxies"]["master-relay-2"]
+    assert topology.topology(config, "haproxy-c")["proxy"] is None
