@@ -492,6 +492,18 @@ def marked_flows(relay, source):
     return sum(f"mark={MARK}" in line for line in lines), len(lines)
 
 
+def relay_state(relay):
+    """What a configuration put in the relay: rule lines, mangle rules, the table's routes."""
+    rules = relay.exec("ip -4 rule show").stdout.splitlines()
+    mangle = relay.exec("iptables-save -t mangle", check=False).stdout.splitlines()
+    routes = relay.exec(f"ip -4 route show table {TABLE}", check=False).stdout.splitlines()
+    return {
+        "rules": [line for line in rules if line.split(":")[0] not in ("0", "32766", "32767")],
+        "mangle": [line for line in mangle if line.startswith("-A ")],
+        "routes": routes,
+    }
+
+
 def check_marks(relay, variant, path, window):
     """
     After a window, the relay's conntrack shows which way its flows went: with
@@ -523,6 +535,7 @@ def measure(net, variants, loadgen, args, log, started):
     """``{variant: {path: [window, ...]}}`` over the rounds; rounds done; checks."""
     results = {v.name: {path: [] for path in PATHS} for v in variants}
     checks = []
+    applied = {}
     rounds_done = 0
     per_round = None
     for index in range(args.rounds):
@@ -533,6 +546,8 @@ def measure(net, variants, loadgen, args, log, started):
         for variant in variants:
             variant.apply()
             try:
+                if index == 0:
+                    applied[variant.name] = relay_state(net["relay"])
                 # Warm-up, not counted: neighbour entries, the server's accept queue.
                 for path in PATHS:
                     loadgen.measure(SOURCES[path], args.warmup, args.clients)
@@ -554,7 +569,7 @@ def measure(net, variants, loadgen, args, log, started):
                 pristine(net["relay"])
         rounds_done += 1
         per_round = time.monotonic() - round_started
-    return results, rounds_done, checks
+    return results, rounds_done, checks, applied
 
 
 def _median(windows, key):
@@ -652,6 +667,10 @@ def print_report(report, args):
             f"  {name:14} errors proxied {e['proxied']}, direct {e['direct']}; "
             f"dropped proxied {d['proxied']}, direct {d['direct']}"
         )
+    lines += ["", "what each configuration put in the relay (ip rule; mangle rules):"]
+    for name, state in report["applied"].items():
+        lines.append(f"  {name}:")
+        lines += [f"    {line}" for line in state["rules"] + state["mangle"]]
     lines += ["", *report["checks"]]
     lines += ["", f"wall-clock for the whole benchmark: {report['elapsed_s']:.1f} s"]
     print("\n".join(lines))
@@ -732,13 +751,14 @@ def main(argv=None):
             variants = [cls(relay, proxy_mac) for cls in (Relayroute, HandWritten, NoMarks)]
             pristine(relay)
             log(f"namespaces {RUN_PREFIX}-{NS_PREFIX}*, server: {server}")
-            results, rounds, checks = measure(net, variants, loadgen, args, log, started)
+            results, rounds, checks, applied = measure(net, variants, loadgen, args, log, started)
             report = analyse(results, variants)
             report.update(
                 prefix=RUN_PREFIX,
                 server=server,
                 rounds=rounds,
                 checks=checks,
+                applied=applied,
                 cpus=os.cpu_count(),
                 cpu_accounted=(
                     "the load generator, the responder and ksoftirqd"
