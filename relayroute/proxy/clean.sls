@@ -6,7 +6,7 @@
 # removing them would stop the mail service, which is the operator's call.
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
-{%- from tplroot ~ "/persist.jinja" import boot_unit_clean with context %}
+{%- from tplroot ~ "/persist.jinja" import boot_unit_clean, watch_unit_clean with context %}
 {%- set persist = relayroute.config.persist %}
 {%- set saved_path = relayroute.config.proxy.sysctl_saved %}
 {%- set saved = {} %}
@@ -18,6 +18,7 @@ relayroute-proxy-tproxy-divert-clean:
   relayroute.proxy_absent:
     - persist: {{ persist | json }}
 {{ boot_unit_clean('proxy', persist) }}
+{{ watch_unit_clean('proxy', persist) }}
 
 {%- for key, value in (saved or {}) | dictsort %}
 

@@ -1,13 +1,14 @@
 # -*- coding: utf-8 -*-
 # vim: ft=sls
 # Removes exactly what relayroute added on a relay: its chains, rules, routes,
-# kernel parameters (earlier values put back), restore script and boot unit.
+# kernel parameters (earlier values put back), restore script, boot unit and watcher.
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
-{%- from tplroot ~ "/persist.jinja" import boot_unit_clean with context %}
+{%- from tplroot ~ "/persist.jinja" import boot_unit_clean, watch_unit_clean with context %}
 {%- set persist = relayroute.config.persist %}
 
 relayroute-relay-policy-routing-clean:
   relayroute.relay_absent:
     - persist: {{ persist | json }}
 {{ boot_unit_clean('relay', persist) }}
+{{ watch_unit_clean('relay', persist) }}

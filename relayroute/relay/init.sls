@@ -4,7 +4,7 @@
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
 {%- from tplroot ~ "/invalid.jinja" import invalid with context %}
-{%- from tplroot ~ "/persist.jinja" import boot_unit with context %}
+{%- from tplroot ~ "/persist.jinja" import boot_unit, watch_unit with context %}
 {%- set persist = relayroute.config.persist %}
 
 {%- if relayroute.errors %}
@@ -29,5 +29,6 @@ relayroute-relay-policy-routing:
 {%-   if persist.enabled %}
     - persist: {{ persist | json }}
 {{ boot_unit('relay', persist, 'relayroute-relay-policy-routing') }}
+{{ watch_unit('relay', persist, relayroute.config.get('watch'), 'relayroute-relay-policy-routing') }}
 {%-   endif %}
 {%- endif %}

@@ -98,9 +98,15 @@ def test_restore_leaves_a_rule_in_place_alone(loaders, relay_ns, tmp_path):
     assert relay_ns.snapshot() == state
 
 
+# The unit's capabilities (CapabilityBoundingSet=, NoNewPrivileges=), as
+# setpriv sets them: root's uid with CAP_NET_ADMIN and CAP_NET_RAW only.
+UNIT_PRIVILEGES = ["setpriv", "--bounding-set", "-all,+net_admin,+net_raw", "--no-new-privs"]
+
+
 def start_watcher(relay_ns, script, log):
     proc = relay_ns.popen(
-        ["/bin/bash", str(WATCHER), "-d", "0.2", str(script)], stderr=log.open("w")
+        [*UNIT_PRIVILEGES, "/bin/bash", str(WATCHER), "-d", "0.2", str(script)],
+        stderr=log.open("w"),
     )
     assert wait_for(lambda: "watching" in log.read_text(), 10) is not None, log.read_text()
     return proc
@@ -163,3 +169,32 @@ def test_watcher_repairs_a_link_bounce_and_deletions(loaders, relay_ns, tmp_path
     relay_ns.ip("link set eth0 up")
     time.sleep(REPAIR_BOUND + 1.0)
     assert not table_route(relay_ns)
+
+
+def test_formula_installs_the_watcher_with_the_relay_role_and_clean_removes_it(
+    loaders, relay_ns, tmp_path
+):
+    from tests.functional.test_proxy import apply_sls, pillar
+
+    data = pillar(tmp_path)
+    persist, systemd = tmp_path / "relayroute", tmp_path / "systemd"
+    unit = systemd / "relayroute-relay-watch.service"
+    with relay_ns.entered():
+        first = apply_sls(loaders, "relayroute.relay", data)
+        assert all(state["result"] is True for state in first.values()), first
+        assert first["relayroute-relay-watch-unit"]["changes"]
+        text = unit.read_text()
+        command = f"/bin/bash {persist}/relay.watch -d 0.2 {persist}/relay.restore"
+        assert f"ExecStart={command}\n" in text
+        assert "After=relayroute-relay.service network-online.target" in text
+        assert (systemd / "multi-user.target.wants" / unit.name).resolve() == unit
+        watcher = persist / "relay.watch"
+        assert watcher.read_bytes() == WATCHER.read_bytes()
+        assert watcher.stat().st_mode & 0o777 == 0o755
+        second = apply_sls(loaders, "relayroute.relay", data)
+        assert all(state["changes"] == {} for state in second.values()), second
+        clean = apply_sls(loaders, "relayroute.relay.clean", data)
+        assert all(state["result"] is True for state in clean.values()), clean
+    assert not unit.exists()
+    assert not (systemd / "multi-user.target.wants" / unit.name).exists()
+    assert not list(persist.iterdir())

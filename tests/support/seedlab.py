@@ -204,10 +204,25 @@ class SeedLab:
         if dropin.exists():
             commands.append(["sysctl", "-q", "-p", "/etc/sysctl.d/90-relayroute.conf"])
         for unit in sorted((overlay / "systemd" / "system").glob("relayroute-*.service")):
-            for line in unit.read_text().splitlines():
-                if line.startswith("ExecStart="):
-                    commands.append(line.split("=", 1)[1].split())
+            if unit.name.endswith("-watch.service"):
+                continue  # a long-running watcher, not part of the boot's restore
+            commands += exec_start(unit)
         return commands
+
+    def watch_commands(self, short):
+        """The ExecStart of each relayroute watcher unit the host has (long-running)."""
+        overlay = NETNS_ETC / self.hosts[short].name
+        units = (overlay / "systemd" / "system").glob("relayroute-*-watch.service")
+        return [command for unit in sorted(units) for command in exec_start(unit)]
+
+
+def exec_start(unit):
+    """A unit file's ExecStart lines, each as its argv."""
+    return [
+        line.split("=", 1)[1].split()
+        for line in unit.read_text().splitlines()
+        if line.startswith("ExecStart=")
+    ]
 
 
 class TwoLeggedLab(SeedLab):
