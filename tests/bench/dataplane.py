@@ -543,7 +543,9 @@ def measure(net, variants, loadgen, args, log, started):
         if per_round and round_started - started + per_round > args.max_seconds:
             log(f"stopping after {rounds_done} rounds: the next would pass {args.max_seconds} s")
             break
-        for variant in variants:
+        # a, b, c every round; with --rotate b, c, a in the second, c, a, b in the third ...
+        shift = index % len(variants) if args.rotate else 0
+        for variant in variants[shift:] + variants[:shift]:
             variant.apply()
             try:
                 if index == 0:
@@ -709,6 +711,11 @@ def main(argv=None):
         default=MAX_SECONDS,
         help=f"start no round that would end past this (default {MAX_SECONDS})",
     )
+    parser.add_argument(
+        "--rotate",
+        action="store_true",
+        help="start each round with the next configuration (a check on position effects)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration <= 0 or args.clients < 1:
@@ -768,6 +775,7 @@ def main(argv=None):
                 loadavg_before=" ".join(loadavg),
                 loadavg_after=" ".join(Path("/proc/loadavg").read_text().split()[:3]),
                 settings={
+                    "rotate": args.rotate,
                     "duration_s": args.duration,
                     "warmup_s": args.warmup,
                     "clients": args.clients,
