@@ -411,7 +411,8 @@ class Relayroute(Variant):
 
     def __init__(self, relay, proxy_mac):
         super().__init__(relay, proxy_mac)
-        import relayroute_core  # noqa: PLC0415 (after RELAYROUTE_LOCK is set)
+        # Imported here, after RELAYROUTE_LOCK is set: the engine reads it at import.
+        import relayroute_core
 
         self.module = relayroute_core
 
