@@ -198,3 +198,34 @@ def test_formula_installs_the_watcher_with_the_relay_role_and_clean_removes_it(
     assert not unit.exists()
     assert not (systemd / "multi-user.target.wants" / unit.name).exists()
     assert not list(persist.iterdir())
+
+
+def test_watcher_repairs_in_time_while_routes_keep_changing(loaders, relay_ns, tmp_path):
+    """A host whose routes never stop changing (an event every 50 ms): the burst is cut at 1 s."""
+    script, state = applied(loaders, relay_ns, tmp_path)
+    watcher = start_watcher(relay_ns, script, tmp_path / "watch.log")
+    churn = relay_ns.popen(
+        [
+            "sh", "-c",
+            "i=0; while [ $i -lt 200 ]; do i=$((i+1)); "
+            "ip route replace 10.9.$((i % 50)).0/24 dev eth0; sleep 0.05; done",
+        ]
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)
+        relay_ns.ip("link set eth0 down")
+        time.sleep(0.3)
+        relay_ns.ip("link set eth0 up")
+        took = wait_for(lambda: table_route(relay_ns), 10)
+    finally:
+        churn.kill()
+        churn.wait(timeout=10)
+        watcher.terminate()
+        watcher.wait(timeout=10)
+    print(f"\n=== repaired {took} s after the link came up, routes changing every 50 ms")
+    assert took is not None, (tmp_path / "watch.log").read_text()
+    assert took < REPAIR_BOUND
+    relay_ns.ip("route replace default via 192.0.2.1")
+    for index in range(50):
+        relay_ns.ip(f"route del 10.9.{index}.0/24", check=False)
+    assert relay_ns.snapshot() == state
