@@ -15,6 +15,7 @@ import pytest
 
 from tests.functional.test_relay import ARGS
 from tests.support.hosts import lose_runtime_state
+from tests.support.netns import run
 
 pytestmark = pytest.mark.root
 
@@ -151,8 +152,11 @@ def test_watcher_repairs_a_link_bounce_and_deletions(loaders, relay_ns, tmp_path
         lambda: "lookup 1000254" in relay_ns.exec("ip -4 rule show").stdout, 10
     )
     wait_for(lambda: log.read_text().count("repaired (") >= 4, 10)
-    watcher.terminate()
+    watcher.terminate()  # SIGTERM to bash alone, as `systemctl stop` with KillMode=process would
     watcher.wait(timeout=10)
+    # Its ip monitor went with it: nothing of it is left in the namespace.
+    left = lambda: run(["ip", "netns", "pids", relay_ns.name]).stdout.split()  # noqa: E731
+    assert wait_for(lambda: not left(), 5) is not None, left()
     text = log.read_text()
     print("\n=== watcher repairs (seconds after the event):", figures)
     print(text)
