@@ -36,7 +36,9 @@ TOP_KEYS = {
     "backend",
     "lookup",
     "persist",
+    "watch",
 }
+WATCH_KEYS = {"enabled", "debounce", "shell"}
 PROXY_ENTRY_KEYS = {"address", "mac", "macs", "mark", "table", "priority", "vip", "nodes"}
 RELAY_ENTRY_KEYS = {"address", "ports"}
 PROXY_ROLE_KEYS = {
@@ -297,6 +299,25 @@ def persist(values, errors, path):
             errors.add(f"{path}:wanted_by", values["wanted_by"], "must name a systemd .target")
 
 
+def watch(values, errors, path):
+    """
+    The watcher that puts a role's routing back between applies: ``enabled``,
+    ``debounce`` (seconds, written into the unit's command line) and ``shell``.
+    """
+    values = _settings(values, errors, path, "watcher settings", WATCH_KEYS)
+    if values is None:
+        return
+    _booleans(values, ("enabled",), errors, path)
+    if "debounce" in values:
+        debounce = values["debounce"]
+        if isinstance(debounce, bool) or not isinstance(debounce, (int, float)):
+            errors.add(f"{path}:debounce", debounce, "must be a number of seconds")
+        elif not 0 < debounce <= 10:
+            errors.add(f"{path}:debounce", debounce, "must be above 0 and at most 10 seconds")
+    if "shell" in values:
+        _absolute_path(values["shell"], errors, f"{path}:shell")
+
+
 def topology(config, minion_id=None):
     """
     Validate ``config`` (the merged ``relayroute`` pillar) and return
@@ -463,6 +484,7 @@ def topology(config, minion_id=None):
             _absolute_path(role[key], errors, f"proxy:{key}")
     haproxy(role.get("haproxy"), errors, "proxy:haproxy")
     persist(config.get("persist"), errors, "persist")
+    watch(config.get("watch"), errors, "watch")
 
     if errors.items or spec is None or proxy_spec is None:
         return {"errors": errors.items, "relay": None, "proxy": None, "unlisted_relay": None}

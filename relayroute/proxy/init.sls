@@ -28,7 +28,7 @@ relayroute-proxy-tproxy-divert:
 {%-   if persist.enabled %}
     - persist: {{ persist | json }}
 {{ boot_unit('proxy', persist, 'relayroute-proxy-tproxy-divert') }}
-{{ watch_unit('proxy', persist, relayroute.config.get('watch'), 'relayroute-proxy-tproxy-divert') }}
+{{ watch_unit('proxy', persist, relayroute.config.watch, 'relayroute-proxy-tproxy-divert') }}
 {%-   endif %}
 
 {%-   set saved = {} %}

@@ -29,6 +29,6 @@ relayroute-relay-policy-routing:
 {%-   if persist.enabled %}
     - persist: {{ persist | json }}
 {{ boot_unit('relay', persist, 'relayroute-relay-policy-routing') }}
-{{ watch_unit('relay', persist, relayroute.config.get('watch'), 'relayroute-relay-policy-routing') }}
+{{ watch_unit('relay', persist, relayroute.config.watch, 'relayroute-relay-policy-routing') }}
 {%-   endif %}
 {%- endif %}
