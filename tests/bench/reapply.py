@@ -64,6 +64,10 @@ from tests.support.netns import (  # noqa: E402
     veth,
 )
 
+# relayroute's host lock for this run's salt-calls (they inherit the
+# environment): nothing is left in the host's /run.
+LOCK_PATH = f"/tmp/{RUN_PREFIX}-relayroute.lock"
+os.environ.setdefault("RELAYROUTE_LOCK", LOCK_PATH)
 SALT_CALL = ROOT / ".venv" / "bin" / "salt-call"
 NS_PREFIX = "bench-"  # namespaces: <run prefix>-bench-relay, <run prefix>-bench-lan
 NETNS_ETC = Path("/etc/netns")
@@ -736,6 +740,8 @@ def _remove_leftovers():
     for name in leftover_namespaces(RUN_PREFIX):
         if name.startswith(f"{RUN_PREFIX}-{NS_PREFIX}"):
             run(["ip", "netns", "delete", name], check=False)
+    with contextlib.suppress(OSError):
+        os.unlink(LOCK_PATH)
 
 
 if __name__ == "__main__":

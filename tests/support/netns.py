@@ -204,19 +204,23 @@ def leftover_namespaces(prefix=RUN_PREFIX):
     return [line.split()[0] for line in out.splitlines() if line.startswith(prefix + "-")]
 
 
+# Mount points under /etc and whether each was there before this run touched it.
+_ETC_BEFORE = {}
+
+
 def etc_mount_point(path):
     """
     Make sure ``path`` (e.g. ``/etc/relayroute``) exists so that ``ip netns
     exec`` binds a namespace's ``/etc/netns/NS/<name>`` overlay over it (it
-    binds only over directories that exist). Returns True when this call made
-    it: the caller then passes it to :func:`release_etc_mount_point` at the end.
+    binds only over directories that exist). Every user calls
+    :func:`release_etc_mount_point` when done; the last one out removes it,
+    unless it was there before this run. Returns True.
     """
     from pathlib import Path
 
     path = Path(path)
-    if path.exists():
-        return False
-    path.mkdir()
+    _ETC_BEFORE.setdefault(str(path), path.exists())
+    path.mkdir(exist_ok=True)
     return True
 
 
@@ -229,6 +233,8 @@ def release_etc_mount_point(path):
     from pathlib import Path
 
     path = Path(path)
+    if _ETC_BEFORE.get(str(path), True):
+        return  # the host's own, or not made by this run
     if any(Path("/etc/netns").glob(f"*/{path.name}")):
         return
     with contextlib.suppress(OSError):
