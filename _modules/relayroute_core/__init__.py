@@ -145,6 +145,12 @@ def _resolve_proxies(spec, kernel, prefix, resolve=True):
     return dataclasses.replace(spec, proxies=tuple(proxies)), sorted(interfaces)
 
 
+def _host_relay_plan(spec, kernel, prefix):
+    """The relay plan for this host: proxies checked and their MACs resolved."""
+    spec, interfaces = _resolve_proxies(spec, kernel, prefix)
+    return planner.relay_plan(spec, mark_aware_interfaces=interfaces)
+
+
 def _persist_target(persist, persist_dir, prefix):
     """The :class:`persist.Target` from ``persist`` settings (None: not kept)."""
     settings = dict(persist or {})
@@ -307,8 +313,7 @@ def relay_apply(
     filter_backend = _backend(backend)
     kernel = _kernel()
     target = _persist_target(persist, persist_dir, prefix)
-    spec, interfaces = _resolve_proxies(spec, kernel, prefix)
-    relay = planner.relay_plan(spec, mark_aware_interfaces=interfaces)
+    relay = _host_relay_plan(spec, kernel, prefix)
     return _converge(relay, filter_backend, test, prefix, target=target, kernel=kernel)
 
 
@@ -548,8 +553,7 @@ def check(
     spec = _relay_spec(lan_networks, mark_mask, proxies, prefix)
     filter_backend = _backend(backend)
     kernel = _kernel()
-    spec, interfaces = _resolve_proxies(spec, kernel, prefix)
-    relay = planner.relay_plan(spec, mark_aware_interfaces=interfaces)
+    relay = _host_relay_plan(spec, kernel, prefix)
     try:
         result = checking.run(relay, filter_backend, kernel, prefix, textfile)
     except (RuntimeError, OSError) as err:
