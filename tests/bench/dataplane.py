@@ -80,14 +80,20 @@ sys.dont_write_bytecode = True  # the engine's sources stay free of __pycache__
 sys.path.insert(0, str(ROOT / "_modules"))
 sys.path.insert(0, str(ROOT))
 
-from tests.support.hosts import DIRECT, PROXIED, RELAY, dropped, internet  # noqa: E402
+from tests.support.hosts import (  # noqa: E402
+    DIRECT,
+    PROXIED,
+    RELAY,
+    dropped,
+    internet,
+    relay_lan,
+)
 from tests.support.netns import (  # noqa: E402
     RUN_PREFIX,
-    Netns,
     leftover_namespaces,
     mac_of,
+    made_netns,
     run,
-    veth,
 )
 
 # relayroute's host lock for this run's applies, off the host's /run (read by
@@ -242,37 +248,15 @@ class Failed(RuntimeError):
 # the network
 
 
-@contextlib.contextmanager
-def _netns(short):
-    name = f"{RUN_PREFIX}-{short}"
-    try:
-        ns = Netns(short)
-    except BaseException:
-        # Interrupted between 'ip netns add' and the object: remove by name.
-        run(["ip", "netns", "delete", name], check=False)
-        raise
-    try:
-        yield ns
-    finally:
-        ns.delete()
-
-
 def build(stack):
     """The traffic tests' network: ``{name: Netns}``."""
     net = {
-        name: stack.enter_context(_netns(f"{NS_PREFIX}{name}"))
+        name: stack.enter_context(made_netns(f"{NS_PREFIX}{name}"))
         for name in ("client", "inet", "gw", "proxy", "lan", "relay")
     }
     client, inet, gw, proxy, lan, relay = net.values()
     internet(client, inet, gw, proxy, DIRECT, PROXIED)
-    lan.ip("link add br0 type bridge")
-    lan.ip("link set br0 up")
-    for host, port in ((gw, "l-gw"), (proxy, "l-px"), (relay, "l-relay")):
-        veth(host, "lan0", lan, port)
-        lan.ip(f"link set {port} master br0")
-    gw.ip(f"addr add {GATEWAY}/24 dev lan0")
-    proxy.ip(f"addr add {PROXY}/24 dev lan0")
-    relay.ip(f"addr add {RELAY}/24 dev lan0")
+    relay_lan(lan, gw, proxy, relay, GATEWAY, PROXY)
     relay.ip(f"route add default via {GATEWAY}")
     # Sessions back to back from one address: the whole port range, and the
     # server closes first, so no client port waits in TIME_WAIT.

@@ -55,10 +55,10 @@ sys.path.insert(0, str(ROOT))
 from tests.support import rh7boot  # noqa: E402
 from tests.support.netns import (  # noqa: E402
     RUN_PREFIX,
-    Netns,
     etc_mount_point,
     leftover_namespaces,
     mac_of,
+    made_netns,
     release_etc_mount_point,
     run,
     veth,
@@ -408,8 +408,8 @@ def _changes(states):
 
 def build(stack, tmp, mechanism="unit"):
     """Namespaces, /etc/netns overlay, formula tree, pillar and minion config."""
-    relay = stack.enter_context(_netns(f"{NS_PREFIX}relay"))
-    lan = stack.enter_context(_netns(f"{NS_PREFIX}lan"))
+    relay = stack.enter_context(made_netns(f"{NS_PREFIX}relay"))
+    lan = stack.enter_context(made_netns(f"{NS_PREFIX}lan"))
     veth(relay, "eth0", lan, "eth0")
     relay.ip("addr add 192.0.2.11/24 dev eth0")
     lan.ip("addr add 192.0.2.2/24 dev eth0")
@@ -455,21 +455,6 @@ def build(stack, tmp, mechanism="unit"):
     workdir = tmp / "work"
     workdir.mkdir()
     return relay, confdir, workdir
-
-
-@contextlib.contextmanager
-def _netns(short):
-    name = f"{RUN_PREFIX}-{short}"
-    try:
-        ns = Netns(short)
-    except BaseException:
-        # Interrupted between 'ip netns add' and the object: remove by name.
-        run(["ip", "netns", "delete", name], check=False)
-        raise
-    try:
-        yield ns
-    finally:
-        ns.delete()
 
 
 # --------------------------------------------------------------------------

@@ -21,8 +21,9 @@ from tests.support.hosts import (
     dropped,
     forwarded,
     internet,
+    relay_lan,
 )
-from tests.support.netns import mac_of, veth
+from tests.support.netns import mac_of
 from tests.support.tcp import NEGATIVE_TIMEOUT, HeldSession, Ticker, connect, start_server
 
 pytestmark = pytest.mark.root
@@ -34,15 +35,7 @@ def net(make_netns):
         make_netns(name) for name in ("client", "inet", "gw", "proxy", "lan", "relay")
     )
     internet(client, inet, gw, proxy, DIRECT, PROXIED)
-    # The LAN: a bridge joining gateway, proxy and relay.
-    lan.ip("link add br0 type bridge")
-    lan.ip("link set br0 up")
-    for host, port in ((gw, "l-gw"), (proxy, "l-px"), (relay, "l-relay")):
-        veth(host, "lan0", lan, port)
-        lan.ip(f"link set {port} master br0")
-    gw.ip("addr add 192.0.2.1/24 dev lan0")
-    proxy.ip("addr add 192.0.2.2/24 dev lan0")
-    relay.ip(f"addr add {RELAY}/24 dev lan0")
+    relay_lan(lan, gw, proxy, relay)
     relay.ip("route add default via 192.0.2.1")
     start_server(relay, RELAY, 25)
     return {"client": client, "relay": relay, "proxy": proxy, "gw": gw}

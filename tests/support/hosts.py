@@ -135,6 +135,18 @@ def internet(client, inet, gw, proxy, direct, proxied):
         host.sysctl("net.ipv4.conf.all.rp_filter", 0)
 
 
+def relay_lan(lan, gw, proxy, relay, gateway="192.0.2.1", proxy_address="192.0.2.2"):
+    """The seed's LAN: a bridge in ``lan`` joining gateway, proxy and relay (on lan0)."""
+    lan.ip("link add br0 type bridge")
+    lan.ip("link set br0 up")
+    for host, port in ((gw, "l-gw"), (proxy, "l-px"), (relay, "l-relay")):
+        veth(host, "lan0", lan, port)
+        lan.ip(f"link set {port} master br0")
+    gw.ip(f"addr add {gateway}/24 dev lan0")
+    proxy.ip(f"addr add {proxy_address}/24 dev lan0")
+    relay.ip(f"addr add {RELAY}/24 dev lan0")
+
+
 def two_legged_args(proxy_mac):
     """relay_apply's arguments for the relay of the two-legged fixture (proxy on px0)."""
     return {

@@ -187,6 +187,22 @@ def _strip_save_comments(text):
     return "\n".join(kept) + "\n"
 
 
+@contextlib.contextmanager
+def made_netns(short):
+    """A :class:`Netns` for a script's ``with``/ExitStack: deleted on exit, also when
+    interrupted between ``ip netns add`` and the object (removed by name)."""
+    name = f"{RUN_PREFIX}-{short}"
+    try:
+        ns = Netns(short)
+    except BaseException:
+        run(["ip", "netns", "delete", name], check=False)
+        raise
+    try:
+        yield ns
+    finally:
+        ns.delete()
+
+
 def veth(a, a_if, b, b_if):
     """A veth pair between two namespaces, created inside ``a`` (no root-namespace names)."""
     a.ip(f"link add {a_if} type veth peer name {b_if} netns {b.name}")
