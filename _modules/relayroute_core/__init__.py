@@ -170,9 +170,9 @@ def _converge(plan_, filter_backend, test, prefix="", scope=None, target=None, k
     # A real apply holds the host's relayroute lock from its read to its last
     # write: it never interleaves with a restore (boot, or a repair) or another apply.
     try:
-        with contextlib.nullcontext() if test else engine.locked():
-            if kernel is not None and not test:
-                kernel = None  # read again under the lock: a restore may have run
+        with contextlib.nullcontext(False) if test else engine.locked() as waited:
+            if waited:
+                kernel = None  # read again: a restore or apply ran while we waited
             return engine.converge(
                 plan_,
                 filter_backend,

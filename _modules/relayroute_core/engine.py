@@ -49,11 +49,13 @@ LOCK_PATH = os.environ.get("RELAYROUTE_LOCK", "/run/relayroute/lock")
 def locked(path=None, timeout=120.0):
     """
     Hold relayroute's host lock (``path``, default :data:`LOCK_PATH`) while
-    the body runs; wait up to ``timeout`` seconds for another holder.
+    the body runs; wait up to ``timeout`` seconds for another holder. Yields
+    whether it had to wait (another holder may have changed the kernel).
     """
     path = path or LOCK_PATH
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     deadline = time.monotonic() + timeout
+    waited = False
     with open(path, "a", encoding="utf-8") as handle:
         while True:
             try:
@@ -67,9 +69,10 @@ def locked(path=None, timeout=120.0):
                         f"another relayroute apply or restore has held {path} for "
                         f"{timeout:.0f} s; nothing was changed"
                     ) from err
+                waited = True
                 time.sleep(0.05)
         try:
-            yield
+            yield waited
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
