@@ -83,7 +83,7 @@ def formula_tree(tmp_path_factory):
     walk the virtualenv: 12 s per highstate.)
     """
     tree = tmp_path_factory.mktemp("formula-tree")
-    for name in ("relayroute", "_modules", "_states"):
+    for name in ("relayroute", "_modules", "_states", "_beacons"):
         (tree / name).symlink_to(ROOT / name, target_is_directory=True)
     return tree
 

@@ -17,6 +17,7 @@ sync copies the whole tree). Each sub-module has one job:
 - ``netlink``: rules, routes, neighbours and conntrack through pyroute2
 - ``engine``: read, diff, apply, verify, roll back
 - ``check``: the monitoring check's verdict and node_exporter metrics
+- ``follow``: which discovered proxies' MACs the rules no longer mark (beacon)
 - ``persist``, ``bootfiles``: what the host restores at boot without Salt
 
 :depends: pyroute2 >= 0.9, iptables (nf_tables or legacy) with the mac,
@@ -46,7 +47,7 @@ if __name__ not in sys.modules:
     _placeholder.__path__ = __path__
     sys.modules[__name__] = _placeholder
 
-from . import engine, model, netlink, planner, topology  # noqa: E402
+from . import engine, follow, model, netlink, planner, topology  # noqa: E402
 from . import persist as persistence  # noqa: E402
 
 # The sub-module ``check`` by its full name: the package's attribute ``check``
@@ -476,6 +477,57 @@ def lookup_mac(address, resolve=True):
         return netlink.lookup_mac(norm, resolve=resolve)
     except RuntimeError as err:
         raise _fail(err) from err
+
+
+def discovered_proxies():
+    """
+    The proxies of this minion's relay topology (pillar ``relayroute``) whose
+    MAC relayroute discovers (no ``mac``/``macs``), each with its address, its
+    mark and the MAC its neighbour entry carries now (``neighbour``, None when
+    it has none). One netlink dump, no process, no ARP: what the
+    ``relayroute`` beacon looks at every interval. Empty on a minion without
+    the ``relay`` role (``roles`` grain); a pillar that does not validate
+    raises with its errors.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt -G roles:relay relayroute.discovered_proxies
+    """
+    roles = __grains__.get("roles") or []  # noqa: F821 - injected by Salt's loader
+    if "relay" not in ([roles] if isinstance(roles, str) else roles):
+        return {}
+    config = __pillar__.get("relayroute")  # noqa: F821 - injected by Salt's loader
+    result = topology.topology(config, __grains__.get("id"))  # noqa: F821
+    if result["errors"]:
+        raise SaltInvocationError("; ".join(result["errors"]))
+    proxies = follow.discovered(result["relay"])
+    try:
+        macs = netlink.neighbour_macs([proxy["address"] for proxy in proxies.values()])
+    except RuntimeError as err:
+        raise _fail(err) from err
+    return {name: {**proxy, "neighbour": macs[proxy["address"]]} for name, proxy in proxies.items()}
+
+
+def marked_macs(backend="iptables"):
+    """
+    ``{mark: [mac, ...]}``: the source MACs the relay role's rules mark now,
+    and with which mark, read from the kernel's packet filter (one ruleset
+    read).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.marked_macs
+    """
+    filter_backend = _backend(backend)
+    try:
+        ruleset = filter_backend.read()
+    except RuntimeError as err:
+        raise _fail(err) from err
+    return filter_backend.marked_macs(ruleset, planner.RELAY.chain_prefix)
 
 
 def flows(mark_mask=0xFFFFFFFF, port=None):

@@ -104,6 +104,23 @@ def parse_save(text):
     return ruleset
 
 
+def marked_macs(ruleset, prefix):
+    """
+    ``{mark: [mac, ...]}``: the source MACs the owner's chains mark, and with
+    which mark (relayroute's bits), as the kernel has them now.
+    """
+    found = {}
+    for rules in ruleset.owned(prefix).values():
+        for spec in rules:
+            words = spec.split()
+            if "--mac-source" not in words or "--set-xmark" not in words:
+                continue
+            mac = words[words.index("--mac-source") + 1].lower()
+            mark = int(words[words.index("--set-xmark") + 1].split("/")[0], 16)
+            found.setdefault(mark, set()).add(mac)
+    return {mark: sorted(macs) for mark, macs in found.items()}
+
+
 def desired(plan):
     """
     The owned chains and jumps a plan asks for:

@@ -7,6 +7,8 @@ Tables above 255 are read from the ``RTA_TABLE``/``FRA_TABLE`` attribute, not
 the 8-bit header field; rules always get an explicit priority.
 """
 
+import asyncio
+import concurrent.futures
 import ipaddress
 import socket
 import time
@@ -130,11 +132,26 @@ def _route_from_msg(msg, ifnames):
     )
 
 
+def _outside_event_loop(func, *args, **kwargs):
+    """
+    Run ``func`` here, or in a worker thread when this thread runs an asyncio
+    event loop: pyroute2's synchronous API drives a loop of its own, and fails
+    with "This event loop is already running" inside one (a beacon or an
+    engine runs in the minion's main process, which runs Salt's loop).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return func(*args, **kwargs)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(func, *args, **kwargs).result()
+
+
 def _wrap(what):
     def decorate(func):
         def inner(*args, **kwargs):
             try:
-                return func(*args, **kwargs)
+                return _outside_event_loop(func, *args, **kwargs)
             except NetlinkError as err:
                 raise NetlinkOpError(f"{what}: {err}") from err
 
@@ -327,6 +344,23 @@ def _neighbour_mac(ipr, address):
         if mac and not msg["state"] & (NUD_INCOMPLETE | NUD_FAILED):
             return mac.lower()
     return None
+
+
+@_wrap("reading the neighbour table over netlink")
+def neighbour_macs(addresses):
+    """
+    ``{address: mac or None}``: the MAC each address's neighbour entry carries
+    now, from one dump of the neighbour table (nothing is resolved, no ARP).
+    """
+    wanted = {address: None for address in addresses}
+    if not wanted:
+        return wanted
+    with IPRoute() as ipr:
+        for msg in ipr.get_neighbours(family=AF_INET):
+            address, mac = msg.get("NDA_DST"), msg.get("NDA_LLADDR")
+            if address in wanted and mac and not msg["state"] & (NUD_INCOMPLETE | NUD_FAILED):
+                wanted[address] = mac.lower()
+    return wanted
 
 
 @_wrap("looking up a neighbour over netlink")

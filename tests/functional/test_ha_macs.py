@@ -15,11 +15,11 @@ client's address (on lo) and connects from it. The relay's default gateway
 answers nobody, so a reply that does not take the proxy's table is lost.
 """
 
-import textwrap
 import time
 
 import pytest
 
+from tests.support.arp import send_garp
 from tests.support.hosts import RELAY
 from tests.support.netns import mac_of, veth
 from tests.support.tcp import HeldSession, connect, start_server
@@ -29,20 +29,6 @@ pytestmark = pytest.mark.root
 CLIENT = "203.0.113.20"  # the client's address, HAProxy's source towards the relay
 FLOATING = "192.0.2.2"
 NODES = {"a": "192.0.2.5", "b": "192.0.2.6"}
-
-# A gratuitous ARP (request form), as keepalived sends when it takes an address.
-GARP = textwrap.dedent(
-    """
-    import socket, struct, sys
-    ifname, address, mac = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3].replace(":", ""))
-    ip = socket.inet_aton(address)
-    frame = b"\\xff" * 6 + mac + b"\\x08\\x06"
-    frame += struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + b"\\x00" * 6 + ip
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
-        sock.bind((ifname, 0))
-        sock.send(frame)
-    """
-)
 
 
 @pytest.fixture
@@ -91,7 +77,7 @@ def fail_over(pair, source="a", target="b"):
     pair[source].ip(f"addr del {FLOATING}/24 dev lan0")
     pair[target].ip(f"addr add {FLOATING}/24 dev lan0")
     time.sleep(1.1)  # the relay ignores an ARP update within locktime (1 s) of the last
-    pair[target].exec(["python3", "-c", GARP, "lan0", FLOATING, mac_of(pair[target], "lan0")])
+    send_garp(pair[target], "lan0", FLOATING)
 
 
 def neighbour_mac(relay):

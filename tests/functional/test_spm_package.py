@@ -89,12 +89,16 @@ def test_package_installs_a_tree_that_loads_and_applies(spm, relay_ns, tmp_path)
     assert (installed / "__init__.py").is_file()
     assert (installed / "engine.py").is_file()
     assert (formulas / "_states" / "relayroute.py").is_file()
+    assert (formulas / "_beacons" / "relayroute.py").is_file()
+    assert (formulas / "relayroute" / "reactor" / "follow-mac.sls").is_file()
     assert (formulas / "relayroute" / "relay" / "init.sls").is_file()
     # Nothing of Salt's own is shadowed: every extension module has a name of its own.
     assert extension_names(formulas / "_modules") == {"relayroute_core"}
     assert extension_names(formulas / "_states") == {"relayroute"}
     assert not extension_names(formulas / "_modules") & salt_names("modules")
     assert not extension_names(formulas / "_states") & salt_names("states")
+    assert extension_names(formulas / "_beacons") == {"relayroute"}
+    assert not extension_names(formulas / "_beacons") & salt_names("beacons")
 
     # The operator's pillar: the installed example, with the boot files kept in
     # this test's directory.

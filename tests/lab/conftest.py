@@ -33,6 +33,8 @@ def lab_pillar(lab):
     return lab.pillar()
 
 
+REACTOR = {"salt/beacon/*/relayroute/mac": ["salt://relayroute/reactor/follow-mac.sls"]}
+
 TOP = """\
 base:
   'roles:relay':
@@ -83,6 +85,9 @@ def master(salt_factories, lab, state_tree, pillar_tree, formula_tree):
             "pillar_roots": {"base": [str(pillar_tree)]},
             "enable_fqdns_grains": False,
             "log_level_logfile": "info",
+            # The formula's reactor for the relayroute beacon (README, "When a
+            # proxy's MAC changes"); the beacon runs only where pillar asks.
+            "reactor": [REACTOR],
         },
     )
     with factory.started(start_timeout=120):
