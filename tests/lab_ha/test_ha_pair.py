@@ -1,0 +1,378 @@
+"""
+An HA pair in the lab: real HAProxy on two nodes, real keepalived moving the
+floating LAN address and the VIP, real Postfix on the relays, no Salt run
+between the apply and the end.
+
+Node A (haproxy-a) holds both addresses. SMTP sessions are held open through
+the VIP (node A's HAProxy), busy with a NOOP every INTERVAL s, and beside them
+sessions straight to the relays; new sessions through the VIP, on 25 and 587,
+start every NEW_EVERY s. keepalived on node A is stopped (a clean shutdown: it
+sends priority 0 and releases the addresses); node B's keepalived takes both
+and sends its gratuitous ARPs. Then:
+
+- every session held through node A dies: the client's next segment reaches
+  node B (the inet router's neighbour entry for the VIP now names B's MAC),
+  which has no socket for it and answers with a reset. TCP state lives in one
+  kernel and HAProxy pairs client and server connections in one process;
+  nothing of it is on node B. The relay's half of such a session is orphaned:
+  anything it sends goes to the floating address, i.e. to node B, which drops
+  it (no socket to divert it to, no forwarding);
+- every new session started once node B holds the addresses succeeds, on both
+  ports, and its flow on the relay carries the proxy's mark: node B's MAC is
+  listed, nothing on the relays changed, no Salt job ran;
+- the sessions straight to the relays are untouched.
+"""
+
+import datetime
+import json
+import re
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from tests.lab.test_live_safety import (
+    conntrack_flows,
+    noop_tolerant_postfix,  # noqa: F401 - a fixture
+)
+from tests.support import seedlab
+from tests.support.halab import FLOATING, wait_for
+from tests.support.hosts import dropped
+from tests.support.seedlab import mail_via_vip, report
+from tests.support.smtphold import HeldSmtpSessions
+
+pytestmark = [pytest.mark.lab, pytest.mark.root]
+
+A, B = "haproxy-a", "haproxy-b"
+MARK = 254
+# Held sessions: a NOOP every INTERVAL s, a reply later than REPLY_BOUND s is a loss.
+INTERVAL, REPLY_BOUND = 0.3, 3.0
+HELD_VIP_PER_PORT, HELD_DIRECT_PER_RELAY = 15, 3
+# New sessions through the VIP: one every NEW_EVERY s for NEW_WINDOW s, the first
+# NEW_LEAD s before the failover; each a whole transaction (MAIL, RCPT, DATA, QUIT),
+# each wait bounded by NEW_TIMEOUT s (wide: a SYN lost in the move is resent after 1 s, 3 s).
+NEW_EVERY, NEW_LEAD, NEW_WINDOW, NEW_TIMEOUT = 0.1, 1.0, 12.0, 15.0
+# Node B must hold both addresses within MOVE_BOUND s of node A's keepalived being told
+# to stop (measured about 0.6 s); polled for up to MOVE_WAIT s.
+MOVE_BOUND, MOVE_WAIT = 5.0, 30.0
+# The longest a held session stays open here (opening, the new sessions' window, the
+# checks, finishing): HAProxy's client and server timeouts (10 m) are wider.
+HELD_WINDOW_MAX = 60 + NEW_WINDOW + NEW_TIMEOUT + MOVE_WAIT + 60
+
+NEW_SESSIONS = """
+import json, smtplib, sys, threading, time
+args = json.loads(sys.argv[1])
+results, threads = [], []
+
+def one(index, port):
+    r = {"index": index, "port": port, "start": time.monotonic(), "ok": False}
+    results.append(r)
+    try:
+        smtp = smtplib.SMTP(timeout=args["timeout"], source_address=(args["source"], 0))
+        code, banner = smtp.connect(args["server"], port)
+        r["banner_at"] = time.monotonic()
+        r["relay"] = banner.decode(errors="replace").split(".")[0]
+        smtp.ehlo("new.example.com")
+        smtp.mail("sender@example.com")
+        code, text = smtp.rcpt(args["rcpt"])
+        if code != 250:
+            raise RuntimeError(f"RCPT {code} {text!r}")
+        code, text = smtp.data(f"Subject: new {index}\\r\\n\\r\\nnew session {index}\\r\\n")
+        r["code"] = code
+        r["ok"] = code == 250
+        smtp.quit()
+    except Exception as err:
+        r["error"] = repr(err)
+    r["end"] = time.monotonic()
+
+start = time.monotonic()
+index = 0
+while time.monotonic() - start < args["window"]:
+    port = args["ports"][index % len(args["ports"])]
+    thread = threading.Thread(target=one, args=(index, port), daemon=True)
+    thread.start()
+    threads.append(thread)
+    index += 1
+    time.sleep(max(0.0, start + index * args["every"] - time.monotonic()))
+for thread in threads:
+    thread.join(args["timeout"] * 4)
+print(json.dumps(results), flush=True)
+"""
+
+
+def start_new_sessions(lab):
+    args = {
+        "server": seedlab.VIP,
+        "ports": [25, 587],
+        "source": seedlab.MAIL_CLIENT,
+        "rcpt": "someone@example.org",
+        "every": NEW_EVERY,
+        "window": NEW_WINDOW,
+        "timeout": NEW_TIMEOUT,
+    }
+    return lab.ns("client").popen(
+        ["python3", "-c", NEW_SESSIONS, json.dumps(args)], stdout=subprocess.PIPE
+    )
+
+
+def ours(ns):
+    """relayroute's part of a relay: its rules, table routes and chains (no counters)."""
+    snap = ns.snapshot()
+    return {
+        "rules": [line for line in snap["rules"].splitlines() if "proto 210" in line],
+        "routes": [line for line in snap["routes"].splitlines() if "proto 210" in line],
+        "chains": [line for line in snap["iptables"].splitlines() if "RELAYROUTE" in line],
+    }
+
+
+def mac_counters(lab):
+    """Packets each node's MAC rule has marked, summed over the relays (new proxied flows)."""
+    counts = Counter()
+    macs = {lab.node_mac(name): name for name in lab.nodes}
+    for name in lab.relay_addresses:
+        for line in lab.ns(name).exec("iptables-save -c -t mangle").stdout.splitlines():
+            match = re.match(
+                r"\[(\d+):\d+\] -A RELAYROUTE-RELAY-\S+ -m mac --mac-source (\S+)", line
+            )
+            if match and match.group(2).lower() in macs:
+                counts[macs[match.group(2).lower()]] += int(match.group(1))
+    return {name: counts[name] for name in lab.nodes}
+
+
+def snmp(ns, table, field):
+    """A counter of /proc/net/snmp in ``ns`` (e.g. Tcp OutRsts, Ip InAddrErrors)."""
+    lines = [line.split() for line in ns.exec("cat /proc/net/snmp").stdout.splitlines()]
+    for names, values in zip(lines, lines[1:]):
+        if names[0] == f"{table}:" and values[0] == f"{table}:" and names[1:] != values[1:]:
+            return int(values[names.index(field)])
+    raise LookupError((table, field))
+
+
+def neighbour_mac(ns, address):
+    words = ns.ip(f"neigh show {address}").stdout.split()
+    return words[words.index("lladdr") + 1].lower() if "lladdr" in words else None
+
+
+def since(moment, reference):
+    return "never" if moment is None else f"{moment - reference:.3f} s"
+
+
+def held_spec(lab):
+    vip = {"server": seedlab.VIP, "source": seedlab.MAIL_CLIENT, "rcpt": "someone@example.org"}
+    sessions = [
+        {**vip, "port": port, "path": "vip"} for port in (25, 587) for _ in range(HELD_VIP_PER_PORT)
+    ]
+    for name, address in lab.relay_addresses.items():
+        sessions += [
+            {
+                "server": address,
+                "port": 25,
+                "source": seedlab.EXTERNAL_MTA,
+                "rcpt": f"postmaster@{name}.lab.example",
+                "path": "direct",
+            }
+        ] * HELD_DIRECT_PER_RELAY
+    return sessions
+
+
+def proxied_flows(lab):
+    """Each relay's conntrack flows from the mail client (proxied), keyed by (relay, port)."""
+    return {
+        (name, flow["sport"]): flow
+        for name in lab.relay_addresses
+        for flow in conntrack_flows(lab.ns(name), state=None)
+        if flow["src"] == seedlab.MAIL_CLIENT
+    }
+
+
+def established(ns, filter_):
+    return len(
+        ns.exec(["ss", "-tnH", "state", "established", *filter_.split()]).stdout.splitlines()
+    )
+
+
+def salt_jobs_between(master, since, until):
+    """Jobs the salt-master published between two wall-clock times (jids are local time)."""
+    ret = master.salt_run_cli(timeout=120).run("jobs.list_jobs")
+    assert ret.returncode == 0, ret.stdout
+    jobs = ret.data or {}
+    stamp = "%Y%m%d%H%M%S%f"
+    return {
+        jid: job.get("Function")
+        for jid, job in jobs.items()
+        if since <= datetime.datetime.strptime(jid[:20], stamp) <= until
+    }
+
+
+@pytest.mark.timeout(HELD_WINDOW_MAX + 900)
+@pytest.mark.usefixtures("noop_tolerant_postfix")
+def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
+    timeouts = applied["haproxy"][A].timeouts()
+    assert min(timeouts["client"], timeouts["server"]) > HELD_WINDOW_MAX, timeouts
+    client, inet, node_a, node_b = (lab.ns(n) for n in ("client", "inet", A, B))
+    macs = {name: lab.node_mac(name) for name in lab.nodes}
+    up_macs = {name: lab.node_mac(name, "up0") for name in lab.nodes}
+    assert lab.holds(A) == {"floating": True, "vip": True}, lab.holds(A)
+    assert lab.holds(B) == {"floating": False, "vip": False}, lab.holds(B)
+    # The formula gave both nodes the proxy role and the same HAProxy configuration.
+    configs = {n: lab.ns(n).exec("cat /etc/haproxy/haproxy.cfg").stdout for n in lab.nodes}
+    # Only the minion id differs (the header, the health check's EHLO name).
+    assert len({text.replace(n, "NODE") for n, text in configs.items()}) == 1, configs
+    for name in lab.nodes:
+        assert "--transparent" in lab.ns(name).exec("iptables-save -t mangle").stdout, name
+
+    before = {name: ours(lab.ns(name)) for name in lab.relay_addresses}
+    assert all(all(part.values()) for part in before.values()), before
+    vip_before = mail_via_vip(lab, (25, 587) * 2)
+    assert all(r.ok for r in vip_before), [r.text for r in vip_before if not r.ok]
+    counters_before = mac_counters(lab)
+    assert counters_before[A] >= len(vip_before), counters_before
+    assert counters_before[B] == 0, counters_before
+    gw_dropped_before = dropped(lab.ns("gw"))
+
+    held = HeldSmtpSessions(client, held_spec(lab), interval=INTERVAL, bound=REPLY_BOUND)
+    new = None
+    try:
+        assert held.held == len(held.sessions), [r for r in held.opened if r["stage"] != "held"]
+        held_relays = {r["relay"] for r in held.opened if r["spec"]["path"] == "vip"}
+        flows_before = proxied_flows(lab)
+        neighbours_before = {n: neighbour_mac(lab.ns(n), FLOATING) for n in held_relays}
+        assert set(neighbours_before.values()) == {macs[A]}, neighbours_before
+        assert neighbour_mac(inet, seedlab.VIP) == up_macs[A]
+        rsts_before = snmp(node_b, "Tcp", "OutRsts")
+        addr_errors_before = snmp(node_b, "Ip", "InAddrErrors")
+        wall_since = datetime.datetime.now()
+        held.window("failover")
+
+        new = start_new_sessions(lab)
+        time.sleep(NEW_LEAD)
+        moved = {}
+        opens_t0 = {n: snmp(lab.ns(n), "Tcp", "PassiveOpens") for n in lab.nodes}
+        t0 = time.monotonic()
+        vrrp[A].terminate()
+        watch = {
+            "A released both": lambda: not any(lab.holds(A).values()),
+            "B holds both": lambda: all(lab.holds(B).values()),
+            "relays' neighbour is B": lambda: all(
+                neighbour_mac(lab.ns(n), FLOATING) == macs[B] for n in held_relays
+            ),
+            "inet's neighbour is B": lambda: neighbour_mac(inet, seedlab.VIP) == up_macs[B],
+        }
+
+        def all_moved():
+            now = time.monotonic()
+            for label, check in watch.items():
+                if label not in moved and check():
+                    moved[label] = now
+            return len(moved) == len(watch)
+
+        wait_for(all_moved, MOVE_WAIT, lambda: f"moved so far: {moved}")
+        # The move is complete when every observer says so: sessions started
+        # from then on reach node B, and node B's replies reach them.
+        t_move = max(moved.values())
+        vrrp[A].wait(timeout=30)
+        out, _ = new.communicate(timeout=NEW_WINDOW + NEW_TIMEOUT * 5)
+        sessions = json.loads(out)
+        held.window("after the failover")
+        time.sleep(INTERVAL + REPLY_BOUND)
+        status = held.status()
+        # The relay's half of the dead sessions: what it sends goes to node B.
+        orphans_relay = {
+            n: established(lab.ns(n), f"dst {seedlab.MAIL_CLIENT}") for n in lab.relay_addresses
+        }
+        orphans_a = established(node_a, f"src {seedlab.VIP}")
+        for name in lab.relay_addresses:
+            lab.ns(name).exec(["ss", "-K", "-tnH", "dst", seedlab.MAIL_CLIENT], check=False)
+        time.sleep(1.0)
+        addr_errors = snmp(node_b, "Ip", "InAddrErrors") - addr_errors_before
+        rsts = snmp(node_b, "Tcp", "OutRsts") - rsts_before
+        vip_after = mail_via_vip(lab, (25, 587) * 2)
+        opens = {n: snmp(lab.ns(n), "Tcp", "PassiveOpens") - opens_t0[n] for n in lab.nodes}
+        counters_after = mac_counters(lab)
+        flows_after = proxied_flows(lab)
+        after = {name: ours(lab.ns(name)) for name in lab.relay_addresses}
+        wall_until = datetime.datetime.now()
+    finally:
+        if new is not None and new.poll() is None:
+            new.kill()
+        results = held.finish()
+        held.close()
+    jobs = salt_jobs_between(master, wall_since, wall_until)
+
+    vip_held = [r for r in results if r["spec"]["path"] == "vip"]
+    direct_held = [r for r in results if r["spec"]["path"] == "direct"]
+    died = [r for r in vip_held if r["stage"] == "noop"]
+    before_move = [s for s in sessions if s["start"] < t0]
+    during_move = [s for s in sessions if t0 <= s["start"] < t_move]
+    after_move = [s for s in sessions if s["start"] >= t_move]
+    first_ok = min((s["end"] for s in after_move if s["ok"]), default=None)
+    new_flows = {key: flow for key, flow in flows_after.items() if key not in flows_before}
+    new_marks = Counter(int(flow.get("mark", 0)) for flow in new_flows.values())
+    tried_after = len(after_move) + len(vip_after)
+    ok_after = sum(s["ok"] for s in after_move) + sum(r.ok for r in vip_after)
+
+    def summary(group):
+        by_port = Counter((s["port"], s["ok"]) for s in group)
+        return ", ".join(
+            f"{port}: {by_port[(port, True)]}/{by_port[(port, True)] + by_port[(port, False)]} ok"
+            for port in (25, 587)
+        )
+
+    report(
+        "HA pair: keepalived on node A stopped, node B takes the floating address and the VIP",
+        [
+            f"before: mail through the VIP {sum(r.ok for r in vip_before)}/{len(vip_before)} ok "
+            f"(25 and 587); MAC rule counters on the relays {counters_before}",
+            f"held: {held.held} sessions ({len(vip_held)} through the VIP via node A, "
+            f"{len(direct_held)} direct), a NOOP every {INTERVAL} s",
+            "the move, from SIGTERM to node A's keepalived: "
+            + ", ".join(
+                f"{label} after {at - t0:.3f} s"
+                for label, at in sorted(moved.items(), key=lambda x: x[1])
+            ),
+            f"held through node A: {len(died)} of {len(vip_held)} died; errors "
+            f"{dict(Counter(r.get('error', '')[:40] for r in died))}; waited "
+            f"{max((r.get('waited', 0) for r in died), default=0):.3f} s at most; node B sent "
+            f"{rsts} resets",
+            f"  their other halves: {orphans_a} client-side sockets still open in node A's "
+            "HAProxy, "
+            f"relays' smtpd sessions {orphans_relay}; reset from the relays (ss -K): node B "
+            f"dropped {addr_errors} (IP InAddrErrors: no socket, no forwarding)",
+            f"held direct: {sum(r['ok'] for r in direct_held)} of {len(direct_held)} "
+            "delivered (250)",
+            f"new sessions through the VIP, one every {NEW_EVERY} s: started before the move "
+            f"{len(before_move)} ({summary(before_move)}), during it {len(during_move)} "
+            f"({summary(during_move)}), after it {len(after_move)} ({summary(after_move)})",
+            f"the first new session started after the move's end completed (250 after DATA, "
+            f"QUIT) {since(first_ok, t0)} after the SIGTERM, {since(first_ok, t_move)} after the "
+            "move's end",
+            f"after: swaks through the VIP {sum(r.ok for r in vip_after)}/{len(vip_after)} ok; new "
+            f"sessions after the move in all: {ok_after} of {tried_after} ok",
+            f"connections accepted since the SIGTERM (TcpPassiveOpens): node A {opens[A]}, "
+            f"node B {opens[B]}",
+            f"relays' conntrack, proxied flows opened since the held ones: {len(new_flows)}, "
+            f"marks {dict(new_marks)}; MAC rule counters {counters_after}",
+            "relayroute's rules, routes and chains on the relays: "
+            + ("identical to before" if after == before else "DIFFER"),
+            f"Salt jobs published from before the move to the end: {jobs or 'none'}",
+            f"stateful gateway's drops: {dropped(lab.ns('gw')) - gw_dropped_before}",
+        ],
+    )
+    assert moved["B holds both"] - t0 < MOVE_BOUND, moved
+    assert len(died) == len(vip_held), [r for r in vip_held if r["stage"] != "noop"][:3]
+    assert all("Connection reset by peer" in r.get("error", "") for r in died), died[:3]
+    assert rsts >= len(died), rsts
+    assert all(r["ok"] for r in direct_held), [r for r in direct_held if not r["ok"]][:3]
+    assert not [r for r in status["losses"] if r["spec"]["path"] == "direct"]
+    assert after_move, sessions
+    assert first_ok is not None
+    assert ok_after == tried_after, [s for s in after_move if not s["ok"]][:5]
+    assert {s["port"] for s in after_move} == {25, 587}
+    assert counters_after[B] - counters_before[B] >= ok_after, counters_after
+    assert opens[B] >= ok_after, opens
+    assert new_flows
+    assert set(new_marks) == {MARK}, new_marks
+    assert after == before
+    assert not jobs, jobs
+    assert dropped(lab.ns("gw")) == gw_dropped_before
