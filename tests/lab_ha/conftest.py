@@ -89,13 +89,17 @@ def vrrp(lab, applied, tmp_path):
     the test (which removes their addresses).
     """
     started = {}
+
+    def start(name):
+        workdir = tmp_path / f"keepalived-{name}"
+        started[name] = Keepalived(lab.ns(name), workdir, lab.keepalived_config(name)).start()
+        return started[name]
+
     try:
-        for name in lab.nodes:
-            started[name] = Keepalived(
-                lab.ns(name), tmp_path / f"keepalived-{name}", lab.keepalived_config(name)
-            ).start()
-            if name == "haproxy-a":
-                wait_for(lambda: all(lab.holds("haproxy-a").values()), 15, started[name].output)
+        a = start("haproxy-a")
+        wait_for(lambda: all(lab.holds("haproxy-a").values()), 15, a.output)
+        b = start("haproxy-b")
+        wait_for(lambda: b.state() == "BACKUP", 15, b.output)
         yield started
     finally:
         for instance in started.values():

@@ -7,22 +7,38 @@ Node A (haproxy-a) holds both addresses. SMTP sessions are held open through
 the VIP (node A's HAProxy), busy with a NOOP every INTERVAL s, and beside them
 sessions straight to the relays; new sessions through the VIP, on 25 and 587,
 start every NEW_EVERY s. keepalived on node A is stopped (a clean shutdown: it
-sends priority 0 and releases the addresses); node B's keepalived takes both
-and sends its gratuitous ARPs. Then:
+sends priority 0 and releases both addresses at once); node B's keepalived
+takes them after VRRP's skew time ((256 - 100) / 256 s for priority 100) and
+sends its gratuitous ARPs, on lan0 for the floating address and on up0 for the
+VIP. Then:
 
 - every session held through node A dies: the client's next segment reaches
   node B (the inet router's neighbour entry for the VIP now names B's MAC),
-  which has no socket for it and answers with a reset. TCP state lives in one
-  kernel and HAProxy pairs client and server connections in one process;
-  nothing of it is on node B. The relay's half of such a session is orphaned:
-  anything it sends goes to the floating address, i.e. to node B, which drops
-  it (no socket to divert it to, no forwarding);
-- every new session started once node B holds the addresses succeeds, on both
-  ports, and its flow on the relay carries the proxy's mark: node B's MAC is
-  listed, nothing on the relays changed, no Salt job ran;
+  which has the VIP but no socket for the connection and answers with a
+  reset. TCP state lives in one kernel and HAProxy pairs the client's and the
+  relay's connection in one process: nothing of either is on node B. The
+  other halves are orphaned: node A's HAProxy still holds the client side,
+  the relay's smtpd the relay side, and what the relay sends goes to the
+  floating address, i.e. to node B, which drops it (no socket for TPROXY to
+  divert it to, no forwarding): shown by resetting them on the relays;
+- every new session started once the move is complete (node B holds both
+  addresses, the relays' and the router's neighbour entries name node B)
+  succeeds, on both ports; node B's MAC rule marked its connections, their
+  flows on the relays carry the proxy's mark, nothing of relayroute's on the
+  relays changed and the salt-master published no job;
 - the sessions straight to the relays are untouched.
+
+Between node A's release and node B's gratuitous ARPs nobody has told the
+router or the relays anything: their neighbour entries still name node A,
+whose HAProxy still listens on the VIP (bound ``transparent``) and whose
+TPROXY divert still delivers the replies to its sockets, so node A goes on
+serving new sessions for those 0.6 s (counted, not asserted).
+
+The control: with only node A's MAC on the relays, node B's sessions are not
+answered (their SYN-ACKs leave by the stateful gateway, which drops them).
 """
 
+import copy
 import datetime
 import json
 import re
@@ -34,13 +50,15 @@ import pytest
 
 from tests.lab.test_live_safety import (
     conntrack_flows,
+    highstate,
     noop_tolerant_postfix,  # noqa: F401 - a fixture
 )
 from tests.support import seedlab
-from tests.support.halab import FLOATING, wait_for
+from tests.support.halab import FLOATING, PROXY, wait_for
 from tests.support.hosts import dropped
 from tests.support.seedlab import mail_via_vip, report
 from tests.support.smtphold import HeldSmtpSessions
+from tests.support.tcp import NEGATIVE_TIMEOUT
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 
@@ -154,6 +172,20 @@ def neighbour_mac(ns, address):
     return words[words.index("lladdr") + 1].lower() if "lladdr" in words else None
 
 
+def vrrp_lines(log):
+    """What keepalived logged from the priority 0 advertisement on, gratuitous ARPs counted."""
+    lines = [line.split(": ", 1)[-1] for line in log.splitlines()]
+    start = next((i for i, line in enumerate(lines) if "priority 0" in line), len(lines))
+    garps = Counter()
+    shown = []
+    for line in lines[start:]:
+        if line.startswith("Sending gratuitous ARP on "):
+            garps[line.split(" on ", 1)[1]] += 1
+        elif "(relayroute)" in line and "queueing" not in line:
+            shown.append(line)
+    return shown + [f"gratuitous ARPs sent on {key}: {count}" for key, count in garps.items()]
+
+
 def since(moment, reference):
     return "never" if moment is None else f"{moment - reference:.3f} s"
 
@@ -192,17 +224,18 @@ def established(ns, filter_):
     )
 
 
-def salt_jobs_between(master, since, until):
-    """Jobs the salt-master published between two wall-clock times (jids are local time)."""
+def salt_jobs(master, since, until):
+    """
+    The jobs in the salt-master's job cache: ``(inside, outside)`` the
+    wall-clock window ``since``-``until`` (a jid is the local time it was published).
+    """
     ret = master.salt_run_cli(timeout=120).run("jobs.list_jobs")
     assert ret.returncode == 0, ret.stdout
-    jobs = ret.data or {}
-    stamp = "%Y%m%d%H%M%S%f"
-    return {
-        jid: job.get("Function")
-        for jid, job in jobs.items()
-        if since <= datetime.datetime.strptime(jid[:20], stamp) <= until
-    }
+    inside, outside = {}, {}
+    for jid, job in (ret.data or {}).items():
+        published = datetime.datetime.strptime(jid[:20], "%Y%m%d%H%M%S%f")
+        (inside if since <= published <= until else outside)[jid] = job.get("Function")
+    return inside, outside
 
 
 @pytest.mark.timeout(HELD_WINDOW_MAX + 900)
@@ -227,8 +260,6 @@ def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
     vip_before = mail_via_vip(lab, (25, 587) * 2)
     assert all(r.ok for r in vip_before), [r.text for r in vip_before if not r.ok]
     counters_before = mac_counters(lab)
-    assert counters_before[A] >= len(vip_before), counters_before
-    assert counters_before[B] == 0, counters_before
     gw_dropped_before = dropped(lab.ns("gw"))
 
     held = HeldSmtpSessions(client, held_spec(lab), interval=INTERVAL, bound=REPLY_BOUND)
@@ -248,6 +279,7 @@ def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
         new = start_new_sessions(lab)
         time.sleep(NEW_LEAD)
         moved = {}
+        counters_t0 = mac_counters(lab)
         opens_t0 = {n: snmp(lab.ns(n), "Tcp", "PassiveOpens") for n in lab.nodes}
         t0 = time.monotonic()
         vrrp[A].terminate()
@@ -290,6 +322,8 @@ def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
         vip_after = mail_via_vip(lab, (25, 587) * 2)
         opens = {n: snmp(lab.ns(n), "Tcp", "PassiveOpens") - opens_t0[n] for n in lab.nodes}
         counters_after = mac_counters(lab)
+        via = {n: counters_after[n] - counters_t0[n] for n in lab.nodes}
+        via_before = {n: counters_t0[n] - counters_before[n] for n in lab.nodes}
         flows_after = proxied_flows(lab)
         after = {name: ours(lab.ns(name)) for name in lab.relay_addresses}
         wall_until = datetime.datetime.now()
@@ -298,11 +332,15 @@ def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
             new.kill()
         results = held.finish()
         held.close()
-    jobs = salt_jobs_between(master, wall_since, wall_until)
+    jobs, earlier = salt_jobs(master, wall_since, wall_until)
+    # The job cache works: it holds the highstate that configured the lab.
+    assert "state.highstate" in earlier.values(), earlier
+    logs = {name: vrrp[name].output() for name in lab.nodes}
 
     vip_held = [r for r in results if r["spec"]["path"] == "vip"]
     direct_held = [r for r in results if r["spec"]["path"] == "direct"]
     died = [r for r in vip_held if r["stage"] == "noop"]
+    reset = [r for r in died if "Connection reset by peer" in r.get("error", "")]
     before_move = [s for s in sessions if s["start"] < t0]
     during_move = [s for s in sessions if t0 <= s["start"] < t_move]
     after_move = [s for s in sessions if s["start"] >= t_move]
@@ -323,7 +361,7 @@ def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
         "HA pair: keepalived on node A stopped, node B takes the floating address and the VIP",
         [
             f"before: mail through the VIP {sum(r.ok for r in vip_before)}/{len(vip_before)} ok "
-            f"(25 and 587); MAC rule counters on the relays {counters_before}",
+            "(25 and 587)",
             f"held: {held.held} sessions ({len(vip_held)} through the VIP via node A, "
             f"{len(direct_held)} direct), a NOOP every {INTERVAL} s",
             "the move, from SIGTERM to node A's keepalived: "
@@ -331,8 +369,8 @@ def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
                 f"{label} after {at - t0:.3f} s"
                 for label, at in sorted(moved.items(), key=lambda x: x[1])
             ),
-            f"held through node A: {len(died)} of {len(vip_held)} died; errors "
-            f"{dict(Counter(r.get('error', '')[:40] for r in died))}; waited "
+            f"held through node A: {len(died)} of {len(vip_held)} died, {len(reset)} by a reset; "
+            f"errors {dict(Counter(r.get('error', '') for r in died))}; waited "
             f"{max((r.get('waited', 0) for r in died), default=0):.3f} s at most; node B sent "
             f"{rsts} resets",
             f"  their other halves: {orphans_a} client-side sockets still open in node A's "
@@ -352,27 +390,87 @@ def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
             f"connections accepted since the SIGTERM (TcpPassiveOpens): node A {opens[A]}, "
             f"node B {opens[B]}",
             f"relays' conntrack, proxied flows opened since the held ones: {len(new_flows)}, "
-            f"marks {dict(new_marks)}; MAC rule counters {counters_after}",
+            f"marks {dict(new_marks)}",
+            f"connections the relays marked by node MAC (the MAC rules' counters): from the "
+            f"held sessions' start to the SIGTERM {via_before}, since then {via}",
             "relayroute's rules, routes and chains on the relays: "
             + ("identical to before" if after == before else "DIFFER"),
             f"Salt jobs published from before the move to the end: {jobs or 'none'}",
             f"stateful gateway's drops: {dropped(lab.ns('gw')) - gw_dropped_before}",
+            "node B's keepalived:",
+            *(f"  {line}" for line in vrrp_lines(logs[B])),
         ],
     )
     assert moved["B holds both"] - t0 < MOVE_BOUND, moved
     assert len(died) == len(vip_held), [r for r in vip_held if r["stage"] != "noop"][:3]
-    assert all("Connection reset by peer" in r.get("error", "") for r in died), died[:3]
-    assert rsts >= len(died), rsts
+    # A reset from node B, or (a NOOP that reached node A just before the router
+    # learnt node B's MAC, its reply from the relay sent to node B) no reply at all.
+    assert all(r in reset or "timed out" in r.get("error", "") for r in died), died[:3]
+    assert reset
+    assert rsts >= len(reset), rsts
     assert all(r["ok"] for r in direct_held), [r for r in direct_held if not r["ok"]][:3]
     assert not [r for r in status["losses"] if r["spec"]["path"] == "direct"]
     assert after_move, sessions
     assert first_ok is not None
     assert ok_after == tried_after, [s for s in after_move if not s["ok"]][:5]
     assert {s["port"] for s in after_move} == {25, 587}
-    assert counters_after[B] - counters_before[B] >= ok_after, counters_after
+    # Node B carried nothing while node A was master, every session after the move.
+    assert via_before[B] == 0, via_before
+    assert via_before[A] >= len(held.sessions) - len(direct_held), via_before
+    assert via[B] >= ok_after, via
     assert opens[B] >= ok_after, opens
     assert new_flows
     assert set(new_marks) == {MARK}, new_marks
     assert after == before
     assert not jobs, jobs
+    # Node A gave the addresses up cleanly; node B took them and announced both.
+    assert "(relayroute) sent 0 priority" in logs[A], logs[A]
+    assert "(relayroute) removing VIPs." in logs[A], logs[A]
+    assert "(relayroute) Entering MASTER STATE" in logs[B], logs[B]
+    for address, dev in ((FLOATING, "lan0"), (seedlab.VIP, "up0")):
+        assert f"Sending gratuitous ARP on {dev} for {address}" in logs[B], logs[B]
     assert dropped(lab.ns("gw")) == gw_dropped_before
+
+
+@pytest.mark.timeout(900)
+def test_control_without_node_bs_mac_node_b_is_not_answered(
+    applied, lab, vrrp, salt_cli, set_pillar, pillar_data
+):
+    """
+    The same failover with only node A's MAC in the pillar (applied to the
+    relays first): node B's connections to the relays get no mark, the relays
+    answer them through their default gateway, whose stateful firewall drops
+    the SYN-ACKs, and no session through the VIP completes. Then the pillar
+    with both MACs is applied again and the same probe succeeds.
+    """
+    only_a = copy.deepcopy(pillar_data)
+    only_a["relayroute"]["proxies"][PROXY]["macs"] = [lab.node_mac(A)]
+    try:
+        set_pillar(only_a)
+        changed = highstate(salt_cli, "relay*")
+        assert all(changed[name] for name in lab.relay_addresses), changed
+        through_a = mail_via_vip(lab, (25, 587))
+        assert all(r.ok for r in through_a), [r.text for r in through_a if not r.ok]
+        vrrp[A].stop()
+        wait_for(lambda: all(lab.holds(B).values()), MOVE_WAIT, vrrp[B].output)
+        dropped_before = dropped(lab.ns("gw"))
+        through_b = mail_via_vip(lab, (25, 587), timeout=NEGATIVE_TIMEOUT)
+        drops = dropped(lab.ns("gw")) - dropped_before
+    finally:
+        set_pillar(pillar_data)
+        restored = highstate(salt_cli, "relay*")
+    again = mail_via_vip(lab, (25, 587))
+    report(
+        "control: the relays list only node A's MAC",
+        [
+            f"through node A: {sum(r.ok for r in through_a)}/{len(through_a)} ok",
+            f"after the failover, through node B: {sum(r.ok for r in through_b)}/"
+            f"{len(through_b)} ok ({[r.code for r in through_b]}); the gateway dropped {drops}",
+            f"both MACs applied again (changed {restored}): "
+            f"{sum(r.ok for r in again)}/{len(again)} ok through node B",
+        ],
+    )
+    assert not any(r.ok for r in through_b), [r.transcript for r in through_b]
+    assert drops > 0
+    assert all(restored[name] for name in lab.relay_addresses), restored
+    assert all(r.ok for r in again), [r.text for r in again if not r.ok]
