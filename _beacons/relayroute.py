@@ -11,11 +11,12 @@ carries a MAC the rules do not mark; the formula's reactor
 (``relayroute/reactor/follow-mac.sls``) then applies ``relayroute`` on that
 relay, which looks the MAC up again. See README, "When a proxy's MAC changes".
 
-The packet filter is read (one ``iptables-save``) only when a neighbour
-entry shows a MAC the last read did not mark, and again at most every
-``refire`` seconds while one stays unmarked; an event for the same proxy and
-MAC is fired again only after ``refire`` seconds (an apply that failed, or
-a reactor that is not configured, is not hammered).
+The packet filter is read (one ``iptables-save``) at the first look, when a
+neighbour entry has moved since the last read, and every ``refire`` seconds
+while one stays unmarked; nothing else runs while the entries stay put. An
+event for the same proxy and MAC is fired again only after ``refire``
+seconds (an apply that failed, or a reactor that is not configured, is not
+hammered).
 
 Pillar (relays only), with the master's reactor (see ``pillar.example``):
 
@@ -70,7 +71,7 @@ def validate(config):
 
 def _state():
     return __context__.setdefault(  # noqa: F821 - injected by Salt's loader
-        CONTEXT_KEY, {"marked": None, "read_for": frozenset(), "read_at": None, "fired": {}}
+        CONTEXT_KEY, {"marked": None, "seen": frozenset(), "read_at": None, "fired": {}}
     )
 
 
@@ -93,25 +94,31 @@ def beacon(config):
     state["error"] = None
     if not proxies:
         return []
-    suspects = frozenset(
+    seen = frozenset(
         (name, proxy["neighbour"]) for name, proxy in proxies.items() if proxy["neighbour"]
     )
 
     def unmarked(marked):
         return {
-            (name, mac)
-            for name, mac in suspects
-            if mac not in marked.get(proxies[name]["mark"], [])
+            (name, mac) for name, mac in seen if mac not in marked.get(proxies[name]["mark"], [])
         }
 
-    stale = state["read_at"] is None or now - state["read_at"] >= settings["refire"]
-    if state["marked"] is None or stale or not unmarked(state["marked"]) <= state["read_for"]:
-        backend = __salt__["pillar.get"]("relayroute:backend", "iptables")  # noqa: F821
-        state["marked"] = __salt__["relayroute.marked_macs"](backend=backend)  # noqa: F821
-        state["read_for"] = frozenset(unmarked(state["marked"]))
+    # Read the packet filter when a neighbour entry moved since the last read,
+    # and while one stays unmarked, every refire seconds (an apply may have
+    # followed it since).
+    if (
+        state["marked"] is None
+        or seen != state["seen"]
+        or (unmarked(state["marked"]) and now - state["read_at"] >= settings["refire"])
+    ):
+        state["marked"] = __salt__["relayroute.marked_macs"]()  # noqa: F821
+        state["seen"] = seen
         state["read_at"] = now
+    now_unmarked = unmarked(state["marked"])
+    # A MAC followed (or gone) may be fired for again when it comes back.
+    state["fired"] = {key: at for key, at in state["fired"].items() if key in now_unmarked}
     events = []
-    for name, mac in sorted(unmarked(state["marked"])):
+    for name, mac in sorted(now_unmarked):
         last = state["fired"].get((name, mac))
         if last is not None and now - last < settings["refire"]:
             continue

@@ -510,11 +510,12 @@ def discovered_proxies():
     return {name: {**proxy, "neighbour": macs[proxy["address"]]} for name, proxy in proxies.items()}
 
 
-def marked_macs(backend="iptables"):
+def marked_macs(backend=None):
     """
     ``{mark: [mac, ...]}``: the source MACs the relay role's rules mark now,
     and with which mark, read from the kernel's packet filter (one ruleset
-    read).
+    read). ``backend`` defaults to the pillar's ``relayroute:backend``
+    (``iptables``).
 
     CLI Example:
 
@@ -522,6 +523,9 @@ def marked_macs(backend="iptables"):
 
         salt relay1 relayroute.marked_macs
     """
+    if backend is None:
+        config = __pillar__.get("relayroute")  # noqa: F821 - injected by Salt's loader
+        backend = config.get("backend", "iptables") if isinstance(config, dict) else "iptables"
     filter_backend = _backend(backend)
     try:
         ruleset = filter_backend.read()

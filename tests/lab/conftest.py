@@ -108,6 +108,9 @@ def minions(master, lab):
                 "enable_fqdns_grains": False,
                 "grains_cache": True,
                 "log_level_logfile": "info",
+                # A minion's default (salt-factories sets 0.05). Salt runs beacons
+                # every second but counts a beacon's 'interval' in loop_intervals.
+                "loop_interval": 1,
             },
             factory_class=NetnsSaltMinion,
             netns=lab.ns(name).name,

@@ -100,10 +100,9 @@ class Host:
                 "master-relay": {"address": "192.0.2.2", "mark": 254, "neighbour": self.neighbour}
             },
             "relayroute.marked_macs": self.read,
-            "pillar.get": lambda key, default=None: default,
         }
 
-    def read(self, backend="iptables"):
+    def read(self):
         self.reads += 1
         return {254: list(self.marked)}
 
@@ -150,6 +149,18 @@ def test_the_beacon_fires_once_per_new_mac_and_reads_the_filter_only_when_needed
     clock[0] += 5
     assert beacon.beacon(config) == []
     assert host.reads == 4
+
+    # And back at once (a failed-over VM moved back): the moved entry is read
+    # for, and fired for, at the next look.
+    host.neighbour = OLD
+    clock[0] += 5
+    assert [e["mac"] for e in beacon.beacon(config)] == [OLD]
+    assert host.reads == 5
+    host.marked = [OLD]
+    host.neighbour = NEW  # and away again within refire: not held back
+    clock[0] += 5
+    assert [e["mac"] for e in beacon.beacon(config)] == [NEW]
+    assert host.reads == 6
 
 
 def test_an_entry_without_mac_and_a_pillar_that_does_not_validate_fire_nothing():
