@@ -52,6 +52,7 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.bench import standing  # noqa: E402
 from tests.support import rh7boot  # noqa: E402
 from tests.support.netns import (  # noqa: E402
     RUN_PREFIX,
@@ -104,8 +105,10 @@ NETWORK_SCRIPTS_PILLAR = f"""\
 """
 
 
-def pillar_sls(proxy_mac, mechanism="unit"):
+def pillar_sls(proxy_mac, mechanism="unit", watch=True):
     extra = NETWORK_SCRIPTS_PILLAR if mechanism == "network-scripts" else ""
+    if not watch:
+        extra += "  watch:\n    enabled: false\n"
     return f"""\
 relayroute:
   lan_networks:
@@ -406,10 +409,10 @@ def _changes(states):
 # the environment
 
 
-def build(stack, tmp, mechanism="unit"):
+def build(stack, tmp, mechanism="unit", watch=True, suffix=""):
     """Namespaces, /etc/netns overlay, formula tree, pillar and minion config."""
-    relay = stack.enter_context(made_netns(f"{NS_PREFIX}relay"))
-    lan = stack.enter_context(made_netns(f"{NS_PREFIX}lan"))
+    relay = stack.enter_context(made_netns(f"{NS_PREFIX}relay{suffix}"))
+    lan = stack.enter_context(made_netns(f"{NS_PREFIX}lan{suffix}"))
     veth(relay, "eth0", lan, "eth0")
     relay.ip("addr add 192.0.2.11/24 dev eth0")
     lan.ip("addr add 192.0.2.2/24 dev eth0")
@@ -447,7 +450,7 @@ def build(stack, tmp, mechanism="unit"):
     pillar = tmp / "pillar"
     pillar.mkdir()
     (pillar / "top.sls").write_text(PILLAR_TOP)
-    (pillar / "relayroute.sls").write_text(pillar_sls(mac_of(lan, "eth0"), mechanism))
+    (pillar / "relayroute.sls").write_text(pillar_sls(mac_of(lan, "eth0"), mechanism, watch))
 
     confdir = tmp / "conf"
     confdir.mkdir()
@@ -495,14 +498,21 @@ def extra_names(base, other):
     return dict(sorted(extra.items())), dict(sorted(missing.items()))
 
 
-def measure(relay, runs, log):
+def measure(relay, runs, log, unwatched=None):
+    """
+    ``unwatched``: a second relay whose pillar switches the watcher off; its
+    no-op runs (``noop_unwatched``) are interleaved with the others, so the
+    watcher's share of a no-op is a difference within the run.
+    """
     results = {"baseline": [], "noop": [], "baseline_traced": [], "noop_traced": []}
+    results["noop_unwatched"] = []
     violations = []
     log("warm-up: saltutil.sync_all, first apply of relayroute.relay")
-    relay.call("saltutil.sync_all")
-    _, states = relay.state(FORMULA_SLS)
-    if not _changes(states):
-        raise Failed("the first apply of relayroute.relay reported no changes")
+    for each in (relay, unwatched) if unwatched else (relay,):
+        each.call("saltutil.sync_all")
+        _, states = each.state(FORMULA_SLS)
+        if not _changes(states):
+            raise Failed("the first apply of relayroute.relay reported no changes")
     relay.state(BASELINE_SLS)
 
     def noop(strace):
@@ -515,6 +525,12 @@ def measure(relay, runs, log):
     def baseline(strace):
         return relay.state(BASELINE_SLS, strace=strace)[0]
 
+    def noop_unwatched():
+        result, states = unwatched.state(FORMULA_SLS)
+        if _changes(states):
+            violations.append(f"no-op re-apply (no watcher) reported changes: {_changes(states)}")
+        return result
+
     for index in range(runs):
         log(f"no-op run {index + 1}/{runs}")
         # ABBA: alternate which goes first, so drift weighs on both alike.
@@ -523,6 +539,8 @@ def measure(relay, runs, log):
             order = order[::-1]
         for key, func in order:
             results[key].append(func(False))
+        if unwatched:
+            results["noop_unwatched"].append(noop_unwatched())
         for key, func in order:
             results[key + "_traced"].append(func(True))
 
@@ -598,6 +616,16 @@ def analyse(results, work, work_traced, violations):
         )
     if any(count != 1 for count in restores):
         violations.append(f"an apply with work ran iptables-restore {restores} times (want 1)")
+    unwatched = results.get("noop_unwatched") or []
+    if unwatched:
+        u = report["noop_unwatched"] = _summary(unwatched)
+        report["watcher_share"] = {
+            "noop_cpu_with_over_without": round(n["median_cpu_s"] / u["median_cpu_s"], 3),
+            "noop_cpu_ms_with_minus_without": round(
+                1000 * (n["median_cpu_s"] - u["median_cpu_s"]), 1
+            ),
+            "noop_unwatched_cpu_over_empty": round(u["median_cpu_s"] / b["median_cpu_s"], 3),
+        }
     report["violations"] = violations
     report["ok"] = not violations
     return report
@@ -649,11 +677,31 @@ def print_report(report, elapsed):
         f"{_fmt_names(p['work_extra_names'])}",
         f"iptables-restore per apply with work: {p['work_iptables_restore_per_run']} (want 1)",
     ]
+    if report.get("watcher_share"):
+        ws = report["watcher_share"]
+        lines.append(
+            "no-op without the watcher's states / empty: "
+            f"cpu x{ws['noop_unwatched_cpu_over_empty']:.3f}; with / without them: "
+            f"cpu x{ws['noop_cpu_with_over_without']:.3f} "
+            f"({ws['noop_cpu_ms_with_minus_without']:+.0f} ms)"
+        )
     if p["noop_missing_names"] or p["work_missing_names"]:
         lines.append(
             f"run by the empty run only: no-op {_fmt_names(p['noop_missing_names'])}; "
             f"with work {_fmt_names(p['work_missing_names'])}"
         )
+    if report.get("standing"):
+        wat, bea = report["standing"]["watcher"], report["standing"]["beacon"]
+        lines += [
+            "",
+            f"watcher idle ({wat['processes']} processes, {wat['idle_s']:g} s watched): "
+            f"{wat['idle_cpu_s_per_hour']:g} CPU s per hour (resolution "
+            f"{wat['idle_cpu_s_per_hour_resolution']:g}), RSS {wat['rss_kb']} kB; "
+            f"{wat['cpu_s_per_1000_foreign_events']:g} CPU s per 1000 netlink events of other "
+            f"tools ({wat['restores_run_for_foreign_events']} restores run for them)",
+            f"beacon's look (without Salt's plumbing): {bea['cpu_ms_per_look']:g} ms CPU, "
+            f"{bea['cpu_s_per_hour']:g} CPU s per hour at interval {bea['interval_s']} s",
+        ]
     lines += ["", f"wall-clock for the whole benchmark: {elapsed:.1f} s"]
     if report["violations"]:
         lines += ["", "BUDGET VIOLATED:"] + [f"  - {v}" for v in report["violations"]]
@@ -676,6 +724,12 @@ def main(argv=None):
         choices=("unit", "network-scripts"),
         default="unit",
         help="persist mechanism of the formula (default unit; network-scripts: CentOS 7's files)",
+    )
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=60.0,
+        help="seconds the watcher is watched idle (default 60; 0 skips the standing costs)",
     )
     args = parser.parse_args(argv)
     if args.runs < 1:
@@ -702,10 +756,36 @@ def main(argv=None):
             relay, confdir, workdir = build(stack, tmp, args.mechanism)
             log(f"relay namespace {relay.name}, salt config {confdir}")
             bench = Relay(relay, confdir, workdir, verbose=args.verbose)
-            results, work, work_traced, violations = measure(bench, args.runs, log)
+            unwatched = None
+            if args.mechanism == "unit":
+                # The same relay with the watcher switched off, beside it.
+                tmp_unwatched = tmp / "unwatched"
+                tmp_unwatched.mkdir()
+                other = build(stack, tmp_unwatched, args.mechanism, watch=False, suffix="-nw")
+                unwatched = Relay(*other, verbose=args.verbose)
+            results, work, work_traced, violations = measure(bench, args.runs, log, unwatched)
             report = analyse(results, work, work_traced, violations)
             report["salt_calls"] = bench.calls
             report["mechanism"] = args.mechanism
+            if args.mechanism == "unit" and args.idle > 0:
+                log(
+                    f"standing costs: the watcher idle for {args.idle:g} s, then other tools' "
+                    "netlink events; the beacon's look"
+                )
+                discovered = tmp / "pillar-discovered.yaml"
+                discovered.write_text(
+                    "\n".join(
+                        line
+                        for line in (tmp / "pillar" / "relayroute.sls").read_text().splitlines()
+                        if not line.strip().startswith("mac:")
+                    )
+                )
+                report["standing"] = {
+                    "watcher": standing.watcher_costs(relay, args.idle),
+                    "beacon": standing.beacon_look_cost(
+                        relay, sys.executable, ROOT / "_modules", discovered
+                    ),
+                }
             report["elapsed_s"] = round(time.monotonic() - started, 1)
     except KeyboardInterrupt:
         print("bench: interrupted; cleaned up", file=sys.stderr)
