@@ -20,6 +20,12 @@ HOOKS = {"prerouting": "PREROUTING", "output": "OUTPUT"}
 BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 SAVE = ("iptables-save", "-t", TABLE)
 RESTORE = ("iptables-restore", "--noflush")
+# iptables-legacy serialises its users (fail2ban, Docker, firewalld's direct
+# rules, ...) with the xtables lock: without --wait a transaction fails at once
+# while another holds it. Wait, bounded. iptables-nft accepts and ignores it;
+# an iptables-restore too old to know it (before 1.6.2) is run without it.
+XTABLES_WAIT = 30
+WAIT = ("--wait", str(XTABLES_WAIT))
 
 
 class BackendError(RuntimeError):
@@ -215,15 +221,20 @@ def restore_commands(plan):
     chains, jumps = desired(plan)
     if not chains:
         return []
-    lines = ["iptables-restore --noflush <<'RULES'", f"*{TABLE}"]
+    lines = [
+        # The xtables lock (iptables-legacy), waited for where the tools know --wait.
+        f"w=; iptables-restore --help 2>&1 | grep -q -- --wait && w='--wait {XTABLES_WAIT}'",
+        "iptables-restore --noflush $w <<'RULES'",
+        f"*{TABLE}",
+    ]
     for name in sorted(chains):
         lines.append(f":{name} - [0:0]")
         lines += [f"-A {name} {spec}" for spec in chains[name]]
     lines += ["COMMIT", "RULES"]
     for builtin, spec in jumps:
         lines.append(
-            f"iptables -t {TABLE} -C {builtin} {spec} 2>/dev/null || "
-            f"iptables -t {TABLE} -I {builtin} 1 {spec}"
+            f"iptables $w -t {TABLE} -C {builtin} {spec} 2>/dev/null || "
+            f"iptables $w -t {TABLE} -I {builtin} 1 {spec}"
         )
     return lines
 
@@ -323,22 +334,41 @@ def read():
     return parse_save(proc.stdout)
 
 
-def apply(payload):
-    """Write one transaction (one ``iptables-restore --noflush`` process); all or nothing."""
+def _restore(argv, payload):
     try:
-        proc = subprocess.run(
-            RESTORE,
+        return subprocess.run(
+            argv,
             input=payload,
             capture_output=True,
             text=True,
             check=False,
             env=_env(),
-            timeout=60,
+            timeout=XTABLES_WAIT + 60,
         )
-    except OSError as err:
-        raise BackendError(f"{' '.join(RESTORE)}: {err}") from err
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise BackendError(f"{' '.join(argv)}: {err}") from err
+
+
+def apply(payload):
+    """
+    Write one transaction (one ``iptables-restore --noflush --wait`` process);
+    all or nothing. Waits up to XTABLES_WAIT seconds for the xtables lock.
+    """
+    argv = (*RESTORE, *WAIT)
+    proc = _restore(argv, payload)
+    if proc.returncode != 0 and _no_wait_option(proc.stderr):
+        argv = RESTORE
+        proc = _restore(argv, payload)
     if proc.returncode != 0:
         raise BackendError(
-            f"{' '.join(RESTORE)} failed ({proc.returncode}): {proc.stderr.strip()}\n"
+            f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}\n"
             f"transaction was:\n{payload}"
         )
+
+
+def _no_wait_option(stderr):
+    """Whether iptables-restore refused --wait itself (an iptables before 1.6.2)."""
+    text = stderr.lower()
+    return "wait" in text and any(
+        word in text for word in ("unrecognized option", "invalid option", "unknown option")
+    )
