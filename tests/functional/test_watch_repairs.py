@@ -130,6 +130,20 @@ def test_watcher_repairs_a_link_bounce_and_deletions(loaders, relay_ns, tmp_path
     figures["link bounce"] = wait_for(lambda: table_route(relay_ns), 10)
     # The main table's default route is the network configuration's (ifup's) to put back.
     relay_ns.ip("route replace default via 192.0.2.1")
+    # The watcher logs what it put back once its restore is done: the next event after that.
+    logged = lambda n: wait_for(lambda: log.read_text().count("repaired (") >= n, 10)  # noqa: E731
+    logged(1)
+
+    # A network manager's carrier handling or reconfigure: the address goes and
+    # comes back, the link stays up. The kernel takes the route through the
+    # gateway the address made reachable, and says nothing of it.
+    relay_ns.ip("addr del 192.0.2.11/24 dev eth0")
+    assert not table_route(relay_ns)
+    time.sleep(0.5)
+    relay_ns.ip("addr add 192.0.2.11/24 dev eth0")
+    figures["address removed and added"] = wait_for(lambda: table_route(relay_ns), 10)
+    relay_ns.ip("route replace default via 192.0.2.1")
+    logged(2)
 
     relay_ns.ip("rule del priority 1000")
     figures["rule deleted"] = wait_for(
@@ -151,7 +165,7 @@ def test_watcher_repairs_a_link_bounce_and_deletions(loaders, relay_ns, tmp_path
     figures["rule deleted during an apply, after the apply"] = wait_for(
         lambda: "lookup 1000254" in relay_ns.exec("ip -4 rule show").stdout, 10
     )
-    wait_for(lambda: log.read_text().count("repaired (") >= 4, 10)
+    wait_for(lambda: log.read_text().count("repaired (") >= 5, 10)
     watcher.terminate()  # SIGTERM to bash alone, as `systemctl stop` with KillMode=process would
     watcher.wait(timeout=10)
     # Its ip monitor went with it: nothing of it is left in the namespace.
@@ -166,11 +180,18 @@ def test_watcher_repairs_a_link_bounce_and_deletions(loaders, relay_ns, tmp_path
     )
     assert figures["link bounce"] < REPAIR_BOUND, figures
     assert "repaired (link up: eth0): put back route default via 192.0.2.2" in text
+    assert "repaired (address added: eth0): put back route default via 192.0.2.2" in text
     assert "repaired (deleted: 1000: from all fwmark 0xfe/0xff lookup 1000254 proto 210)" in text
 
-    # The control: without the watcher a bounce leaves the proxy's table empty.
+    # The control: without the watcher a bounce, or an address removed and
+    # added, leaves the proxy's table empty.
     relay_ns.ip("link set eth0 down")
     relay_ns.ip("link set eth0 up")
+    time.sleep(REPAIR_BOUND + 1.0)
+    assert not table_route(relay_ns)
+    relay_ns.ip("route replace default via 192.0.2.2 table 1000254 proto 210")
+    relay_ns.ip("addr del 192.0.2.11/24 dev eth0")
+    relay_ns.ip("addr add 192.0.2.11/24 dev eth0")
     time.sleep(REPAIR_BOUND + 1.0)
     assert not table_route(relay_ns)
 
