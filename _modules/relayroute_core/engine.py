@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from . import iptables, netlink, persist, planner, sysctl
+from . import iptables, netlink, nftables, persist, planner, sysctl
 from .model import InputError
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 #                                 the owner's part now, and the payload back to it (rollback)
 #   owned_lines(ruleset, prefix) / desired_lines(plan)   what operators read in changes
 #   restore_commands(plan)        shell lines for the boot-time restore script
-BACKENDS = {iptables.NAME: iptables}
+BACKENDS = {iptables.NAME: iptables, nftables.NAME: nftables}
 
 
 # One lock for everything that changes relayroute's kernel state on a host: an

@@ -10,7 +10,7 @@ import difflib
 import ipaddress
 import re
 
-from . import iptables, model
+from . import iptables, model, nftables
 from . import persist as persist_mechanisms
 
 SYSCTL_KEY = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
@@ -20,7 +20,7 @@ FORBIDDEN_SYSCTLS = {
     "use net.ipv4.tcp_tw_reuse if you need TIME-WAIT reuse",
 }
 # Packet-filter backends the engine has (engine.BACKENDS; engine itself needs pyroute2).
-BACKENDS = (iptables.NAME,)
+BACKENDS = (iptables.NAME, nftables.NAME)
 # Values written into configuration files (sysctl drop-in, haproxy.cfg): one line each.
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 INT32 = 2**31 - 1
