@@ -409,6 +409,23 @@ def _changes(states):
 # the environment
 
 
+# Another tool's rules (a Kubernetes node's ruleset is about this size), all in
+# the mangle table: the one relayroute reads and writes, the worst case for it.
+FOREIGN_RULES = 10000
+
+
+def plant_foreign_rules(ns, count):
+    """``count`` rules of another tool in a chain of its own in the mangle table."""
+    lines = ["*mangle", ":BENCH-FOREIGN - [0:0]", "-A PREROUTING -j BENCH-FOREIGN"]
+    lines += [
+        f"-A BENCH-FOREIGN -s 198.51.100.{i % 250 + 1}/32 -p tcp --dport {1024 + i} "
+        f"-j MARK --set-xmark 0x{(i % 15 + 1) << 8:x}/0xf00"
+        for i in range(count)
+    ]
+    lines += ["COMMIT", ""]
+    ns.exec(["iptables-restore", "--noflush"], input="\n".join(lines), timeout=300)
+
+
 def build(stack, tmp, mechanism="unit", watch=True, suffix=""):
     """Namespaces, /etc/netns overlay, formula tree, pillar and minion config."""
     relay = stack.enter_context(made_netns(f"{NS_PREFIX}relay{suffix}"))
@@ -498,17 +515,22 @@ def extra_names(base, other):
     return dict(sorted(extra.items())), dict(sorted(missing.items()))
 
 
-def measure(relay, runs, log, unwatched=None):
+def measure(relay, runs, log, others=None):
     """
-    ``unwatched``: a second relay whose pillar switches the watcher off; its
-    no-op runs (``noop_unwatched``) are interleaved with the others, so the
-    watcher's share of a no-op is a difference within the run.
+    ``others``: more relays, by name, whose no-op runs (``noop_<name>``) are
+    interleaved with the others, so their differences are within the run:
+    ``unwatched`` (its pillar switches the watcher off) and ``foreign`` (its
+    packet filter holds another tool's rules; its applies with work,
+    ``work_foreign``, are interleaved too).
     """
+    others = others or {}
     results = {"baseline": [], "noop": [], "baseline_traced": [], "noop_traced": []}
-    results["noop_unwatched"] = []
+    for name in others:
+        results[f"noop_{name}"] = []
+    results["work_foreign"] = []
     violations = []
     log("warm-up: saltutil.sync_all, first apply of relayroute.relay")
-    for each in (relay, unwatched) if unwatched else (relay,):
+    for each in (relay, *others.values()):
         each.call("saltutil.sync_all")
         _, states = each.state(FORMULA_SLS)
         if not _changes(states):
@@ -525,10 +547,19 @@ def measure(relay, runs, log, unwatched=None):
     def baseline(strace):
         return relay.state(BASELINE_SLS, strace=strace)[0]
 
-    def noop_unwatched():
-        result, states = unwatched.state(FORMULA_SLS)
+    def noop_other(name):
+        result, states = others[name].state(FORMULA_SLS)
         if _changes(states):
-            violations.append(f"no-op re-apply (no watcher) reported changes: {_changes(states)}")
+            violations.append(f"no-op re-apply ({name}) reported changes: {_changes(states)}")
+        return result
+
+    def work_on(host):
+        flushed = json.loads(host.call("relayroute.relay_remove").stdout)["local"]
+        if not flushed.get("changes"):
+            raise Failed(f"relayroute.relay_remove removed nothing: {flushed!r}")
+        result, states = host.state(FORMULA_SLS)
+        if not _changes(states):
+            raise Failed("an apply after relayroute.relay_remove reported no changes")
         return result
 
     for index in range(runs):
@@ -539,8 +570,8 @@ def measure(relay, runs, log, unwatched=None):
             order = order[::-1]
         for key, func in order:
             results[key].append(func(False))
-        if unwatched:
-            results["noop_unwatched"].append(noop_unwatched())
+        for name in others:
+            results[f"noop_{name}"].append(noop_other(name))
         for key, func in order:
             results[key + "_traced"].append(func(True))
 
@@ -555,6 +586,8 @@ def measure(relay, runs, log, unwatched=None):
             if not _changes(states):
                 raise Failed("an apply after relayroute.relay_remove reported no changes")
             into.append(result)
+        if "foreign" in others:
+            results["work_foreign"].append(work_on(others["foreign"]))
     return results, work, work_traced, violations
 
 
@@ -616,6 +649,17 @@ def analyse(results, work, work_traced, violations):
         )
     if any(count != 1 for count in restores):
         violations.append(f"an apply with work ran iptables-restore {restores} times (want 1)")
+    foreign = results.get("noop_foreign") or []
+    if foreign:
+        f = report["noop_foreign"] = _summary(foreign)
+        fw = report["work_foreign"] = _summary(results["work_foreign"])
+        report["foreign_rules"] = {
+            "rules": FOREIGN_RULES,
+            "noop_cpu_with_over_without": round(f["median_cpu_s"] / n["median_cpu_s"], 3),
+            "work_cpu_with_over_without": round(fw["median_cpu_s"] / w["median_cpu_s"], 3),
+            "noop_wall_with_over_without": round(f["median_wall_s"] / n["median_wall_s"], 3),
+            "work_wall_with_over_without": round(fw["median_wall_s"] / w["median_wall_s"], 3),
+        }
     unwatched = results.get("noop_unwatched") or []
     if unwatched:
         u = report["noop_unwatched"] = _summary(unwatched)
@@ -685,6 +729,15 @@ def print_report(report, elapsed):
             f"cpu x{ws['noop_cpu_with_over_without']:.3f} "
             f"({ws['noop_cpu_ms_with_minus_without']:+.0f} ms)"
         )
+    if report.get("foreign_rules"):
+        fr = report["foreign_rules"]
+        lines.append(
+            f"with {fr['rules']} rules of another tool in the mangle table / without: "
+            f"no-op cpu x{fr['noop_cpu_with_over_without']:.3f} "
+            f"(wall x{fr['noop_wall_with_over_without']:.3f}), "
+            f"with work cpu x{fr['work_cpu_with_over_without']:.3f} "
+            f"(wall x{fr['work_wall_with_over_without']:.3f})"
+        )
     if p["noop_missing_names"] or p["work_missing_names"]:
         lines.append(
             f"run by the empty run only: no-op {_fmt_names(p['noop_missing_names'])}; "
@@ -726,6 +779,12 @@ def main(argv=None):
         help="persist mechanism of the formula (default unit; network-scripts: CentOS 7's files)",
     )
     parser.add_argument(
+        "--no-foreign-rules",
+        dest="foreign_rules",
+        action="store_false",
+        help=f"skip the relay whose mangle table holds {FOREIGN_RULES} rules of another tool",
+    )
+    parser.add_argument(
         "--idle",
         type=float,
         default=60.0,
@@ -756,14 +815,19 @@ def main(argv=None):
             relay, confdir, workdir = build(stack, tmp, args.mechanism)
             log(f"relay namespace {relay.name}, salt config {confdir}")
             bench = Relay(relay, confdir, workdir, verbose=args.verbose)
-            unwatched = None
+            others = {}
             if args.mechanism == "unit":
                 # The same relay with the watcher switched off, beside it.
-                tmp_unwatched = tmp / "unwatched"
-                tmp_unwatched.mkdir()
-                other = build(stack, tmp_unwatched, args.mechanism, watch=False, suffix="-nw")
-                unwatched = Relay(*other, verbose=args.verbose)
-            results, work, work_traced, violations = measure(bench, args.runs, log, unwatched)
+                (tmp / "unwatched").mkdir()
+                other = build(stack, tmp / "unwatched", args.mechanism, watch=False, suffix="-nw")
+                others["unwatched"] = Relay(*other, verbose=args.verbose)
+            if args.foreign_rules:
+                # The same relay on a host whose mangle table holds another tool's rules.
+                (tmp / "foreign").mkdir()
+                other = build(stack, tmp / "foreign", args.mechanism, suffix="-fr")
+                plant_foreign_rules(other[0], FOREIGN_RULES)
+                others["foreign"] = Relay(*other, verbose=args.verbose)
+            results, work, work_traced, violations = measure(bench, args.runs, log, others)
             report = analyse(results, work, work_traced, violations)
             report["salt_calls"] = bench.calls
             report["mechanism"] = args.mechanism
