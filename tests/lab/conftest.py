@@ -96,7 +96,7 @@ def master(salt_factories, lab, state_tree, pillar_tree, formula_tree):
 
 @pytest.fixture(scope="package")
 def minions(master, lab):
-    roles = {"master-relay": ["proxy"], **{name: ["relay"] for name in lab.relay_addresses}}
+    roles = lab.roles()
     started = {}
     factories = {}
     for name, role in roles.items():
@@ -163,7 +163,7 @@ def applied(lab, minions, salt_cli, relays_postfix, tmp_path_factory):
     lab.ns("client").ip(f"addr add {OUTSIDER}/24 dev eth0")
     first = salt_cli.run("state.highstate", minion_tgt="*", _timeout=300)
     assert first.returncode == 0, first.stdout
-    results = states_of(first, minions=["master-relay", *lab.relay_addresses])
+    results = states_of(first, minions=list(lab.roles()))
     assert_states_succeeded(results)
     report(
         "first highstate",

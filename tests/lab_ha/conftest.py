@@ -8,8 +8,6 @@ between them by real keepalived (``HALab``).
 import pytest
 
 from tests.lab.conftest import *  # noqa: F403 - the lab's fixtures, for this package
-from tests.lab.conftest import NetnsSaltMinion
-from tests.support import seedlab
 from tests.support.halab import HALab, wait_for
 from tests.support.haproxy import HAProxyProcess
 from tests.support.keepalived import Keepalived
@@ -25,35 +23,6 @@ def lab():
         yield built
     finally:
         built.teardown()
-
-
-@pytest.fixture(scope="package")
-def minions(master, lab):
-    """One salt-minion per node and relay, in its namespace, with its role in its grains."""
-    started = {}
-    factories = {
-        name: master.salt_minion_daemon(
-            name,
-            overrides={
-                "master": seedlab.MASTER_ADDRESS,
-                "grains": {"roles": roles},
-                "enable_fqdns_grains": False,
-                "grains_cache": True,
-                "log_level_logfile": "info",
-            },
-            factory_class=NetnsSaltMinion,
-            netns=lab.ns(name).name,
-        )
-        for name, roles in lab.roles().items()
-    }
-    try:
-        for name, factory in factories.items():
-            factory.start(start_timeout=120)
-            started[name] = factory
-        yield started
-    finally:
-        for factory in started.values():
-            factory.terminate()
 
 
 @pytest.fixture(scope="package")

@@ -175,6 +175,10 @@ class SeedLab:
         ns.ip(f"route add {MASTER_ADDRESS}/32 dev mgmt0 src {address}")
         self.mgmt[ns.name] = (address, root_if)
 
+    def roles(self):
+        """Each Salt minion's ``roles`` grain."""
+        return {"master-relay": ["proxy"], **{name: ["relay"] for name in self.relay_addresses}}
+
     def ns(self, short):
         return self.hosts[short]
 
