@@ -26,12 +26,15 @@ route, found here (the daemon's debug log says it, ``ip monitor`` shows it):
   foreign route (configured,removing)").
 - With ``ManageForeignRoutingPolicyRules=no`` and ``ManageForeignRoutes=no`` a
   reload of a rewritten file deletes nothing. ``networkctl reconfigure`` keeps
-  the rule, but the route still goes with networkd's address, and no event says
-  so: the watcher does not repair it (strict xfail below).
+  the rule, but the route still goes with networkd's address, and no deletion
+  event says so.
 - Carrier loss (the switch port down): networkd removes its address and route
   (the kernel then the table's route, silently), lan0 stays administratively
-  up; carrier back, networkd puts its own back. No deletion event, no link-up:
-  the watcher does not repair it (strict xfail below), whatever ManageForeign*=.
+  up; carrier back, networkd puts its own back. No deletion event, no link-up,
+  whatever ManageForeign*= says.
+
+In those two the watcher repairs on the address networkd adds again (it
+listens for IPv4 addresses added on the interfaces its routes use).
 """
 
 import os
@@ -372,7 +375,9 @@ def test_networkd_reconfiguring_is_repaired_by_the_watcher_and_not_without_it(
     # reconfigure's address removal takes it in the kernel; a reload removes it
     # only while networkd does not hold it for "removing" (see the docstring).
     assert "Removing foreign routing policy rule" in " ".join(with_watcher["networkd said"])
-    assert "repaired (deleted: " in log, log
+    repaired_lines = [line for line in log.splitlines() if "repaired (" in line]
+    assert repaired_lines, log
+    assert "deleted: " in repaired_lines[0], log
     recovered = with_watcher["new proxied session ok after configured s"]
     assert recovered is not None, with_watcher
     assert recovered < REPAIR_BOUND, with_watcher
@@ -392,27 +397,16 @@ def test_networkd_reconfiguring_is_repaired_by_the_watcher_and_not_without_it(
     assert repaired == before
 
 
-class NotRepaired(Exception):
-    """The watcher did not put relayroute's state back (the xfail below expects exactly this)."""
-
-
 @pytest.mark.timeout(900)
 @pytest.mark.usefixtures("noop_tolerant_postfix")
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotRepaired,
-    reason="networkd's address removal takes relayroute's route without an event the watcher "
-    "listens to (no RTM_DELROUTE, lan0 stays administratively up)",
-)
-@pytest.mark.parametrize(
-    "case",
-    ["carrier bounce", "reconfigure, ManageForeign*=no"],
-)
+@pytest.mark.parametrize("case", ["carrier bounce", "reconfigure, ManageForeign*=no"])
 def test_watcher_repairs_what_goes_with_networkds_address(applied, lab, networkd, tmp_path, case):
     """
     Carrier lost and back (ManageForeign*= at their default), and ``networkctl
     reconfigure`` with ManageForeign*=no: relayroute's rule stays, its table's
-    route goes with networkd's address. The watcher should put it back.
+    route goes with networkd's address, silently (no deletion event, lan0 stays
+    up). The watcher puts it back when networkd adds the address again; without
+    it the proxied path to relay1 stays dead.
     """
     check_timeouts(applied)
     relay = lab.ns(RELAY)
@@ -425,30 +419,49 @@ def test_watcher_repairs_what_goes_with_networkds_address(applied, lab, networkd
         event = lambda: networkd.networkctl("reconfigure", LINK)  # noqa: E731
     else:
         event = lambda: carrier_bounce(lab)  # noqa: E731
-    watcher = Watcher(lab, tmp_path / "watch.log")
     try:
-        figures = held_event(lab, networkd, case, event)
-        time.sleep(0.5)
-        after = ours(relay)
-        log = watcher.log()
+        watcher = Watcher(lab, tmp_path / "watch.log")
+        try:
+            figures = held_event(lab, networkd, f"{case} with the watcher", event)
+            time.sleep(0.5)
+            after = ours(relay)
+            log = watcher.log()
+        finally:
+            watcher.stop()
+        # The control: the same event, no watcher.
+        try:
+            control = held_event(lab, networkd, f"{case} without the watcher", event)
+            broken = ours(relay)
+        finally:
+            restore(lab)
     finally:
-        watcher.stop()
-        restore(lab)
         if foreign_no:
             networkd.manage_foreign(True)
             networkd.restart()
     report(
-        f"{case} on relay1 under networkd, sessions on both paths held, the watcher running",
+        f"{case} on relay1 under networkd, sessions on both paths held",
         [
-            f"figures: {figures}",
-            f"relayroute's rules and routes after: {after['rules']} {after['routes']}",
-            f"watcher log: {log.splitlines()}",
+            f"watcher: {' '.join(watcher.command)}",
+            *(f"  log: {line}" for line in log.splitlines()),
+            f"with the watcher: {figures}",
+            "  relayroute's rules, routes and chains after: "
+            + ("identical to before" if after == before else f"DIFFER {after} vs {before}"),
+            f"without the watcher: {control}",
+            f"  relayroute's rules and routes then: {broken['rules']} {broken['routes']}",
         ],
     )
-    # What happened, whatever the watcher did: the rule stayed, the route went.
-    assert figures["relayroute's state once configured"]["rules"] == before["rules"], figures
-    assert not figures["relayroute's state once configured"]["routes"], figures
-    # What should happen (any other failure above is a real one, not the xfail).
+    assert "repaired (address added: lan0" in log, log
     recovered = figures["new proxied session ok after configured s"]
-    if recovered is None or recovered >= REPAIR_BOUND or after != before:
-        raise NotRepaired(f"new proxied session after {recovered} s; state after: {after}")
+    assert recovered is not None, figures
+    assert recovered < REPAIR_BOUND, figures
+    assert after == before
+    assert figures["held on relay1"]["vip"] > 0, figures
+    assert figures["lost"] == 0, figures
+    # What networkd did (seen without the watcher): the rule stayed, the route went.
+    assert control["relayroute's state once configured"]["rules"] == before["rules"], control
+    assert not control["relayroute's state once configured"]["routes"], control
+    assert control["new proxied session ok after configured s"] is None, control
+    assert control["lost on relay1"]["vip"] == control["held on relay1"]["vip"] > 0, control
+    assert control["lost elsewhere"] == 0, control
+    assert broken["rules"] == before["rules"], broken
+    assert not broken["routes"], broken
