@@ -13,7 +13,7 @@ sync copies the whole tree). Each sub-module has one job:
 
 - ``model``: validation of inputs (pure)
 - ``planner``: the routes, rules and chains inputs produce (pure)
-- ``iptables``: the packet-filter backend (one read, one transaction)
+- ``iptables``, ``nftables``: the packet-filter backends (one read, one transaction)
 - ``netlink``: rules, routes, neighbours and conntrack through pyroute2
 - ``engine``: read, diff, apply, verify, roll back
 - ``check``: the monitoring check's verdict and node_exporter metrics
