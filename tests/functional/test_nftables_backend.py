@@ -530,3 +530,34 @@ def test_formula_relay_clean_with_backend_nftables(loaders, relay_ns, tmp_path):
             loaders.modules.relayroute.relay_remove(backend="nftables")
         assert left is None
         assert snapshot(relay_ns) == before
+
+
+def test_a_no_op_apply_starts_no_process(loaders, relay_ns, monkeypatch):
+    """
+    The read is in process (libnftables), as are netlink and /proc: nothing is
+    spawned. Control: the same no-op with the iptables backend runs iptables-save.
+    """
+    import subprocess  # pylint: disable=import-outside-toplevel
+
+    real_init = subprocess.Popen.__init__
+
+    def no_op_spawns(backend):
+        args = {**ARGS, "backend": backend}
+        assert loaders.modules.relayroute.relay_apply(**args)["changes"]
+        spawned = []
+
+        def recording_init(self, argv, *rest, **kwargs):
+            spawned.append(argv)
+            real_init(self, argv, *rest, **kwargs)
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", recording_init)
+        try:
+            assert loaders.modules.relayroute.relay_apply(**args) == {"changes": {}}
+        finally:
+            monkeypatch.undo()
+        loaders.modules.relayroute.relay_remove(backend=backend)
+        return spawned
+
+    with relay_ns.entered():
+        assert no_op_spawns("nftables") == []
+        assert [argv[0] for argv in no_op_spawns("iptables")] == ["iptables-save"]
