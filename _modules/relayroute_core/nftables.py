@@ -72,6 +72,8 @@ Linux 6.18, 2 cores), relay table in place, medians of 200 in a namespace:
 
     one ``list table`` (JSON)          library 0.29 ms    ``nft -j`` process 3.5 ms
     read(): relay, proxy, policy       library 0.67 ms    3 processes        8.1 ms
+      beside 10,000 rules of another tool's inet table: 0.88 ms (its rules are
+      never fetched; the apply stays at 12.7 ms)
     apply: the table replaced whole    library 12.1 ms    ``nft -f`` process 16.0 ms
       (CPU of that apply)                      0.72 ms                       4.0 ms
     whole-process CPU of a no-op read, a fresh Python over import alone (30 runs):
@@ -86,8 +88,10 @@ after a ``setns`` (the tests' namespaces, a Salt thread).
 """
 
 import ctypes
+import errno
 import ipaddress
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -543,23 +547,31 @@ def parse(document):
     return {name: Chain(chains.get(name), tuple(rules[name])) for name in rules}
 
 
-def _roles():
-    """The owners that have chains (a table), each once."""
+def _tables():
+    """relayroute's table names, one per owner."""
     return sorted({table_name(owner) for owner in planner.OWNERS.values()})
 
 
 def read():
-    """relayroute's tables: one ``list table`` per role, in process (libnftables)."""
+    """
+    relayroute's tables, in process (libnftables): one ``list table`` per
+    owner; a missing table (ENOENT) reads as None. Not ``list tables`` first:
+    nft 1.0.6 fetches every table's rules for that (177 ms with 10,000 rules
+    of another tool's, measured), while ``list table X`` fetches X alone
+    (0.28 ms with or without them; a missing one 0.05 ms).
+    """
+    # The library's message carries strerror() of this same process (same locale).
+    missing = os.strerror(errno.ENOENT)
     ruleset = Ruleset()
-    for name in _roles():
+    for name in _tables():
         command = f"list table {FAMILY} {name}"
         code, out, err = run(command, json_output=True)
-        if code != 0:
-            if "No such file or directory" in err:
-                ruleset.tables[name] = None
-                continue
+        if code == 0:
+            ruleset.tables[name] = parse(json.loads(out))
+        elif missing in err:
+            ruleset.tables[name] = None
+        else:
             raise BackendError(f"nft {command} failed: {err.strip()}")
-        ruleset.tables[name] = parse(json.loads(out))
     return ruleset
 
 
