@@ -152,12 +152,13 @@ def table_name(prefix_or_owner):
 
 
 def _canonical(value):
-    """JSON text of a rule's statements, vmap elements in order: equal rules, equal text."""
+    """A rule's statements with set elements in one order: equal rules, equal JSON text."""
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             if key == "set" and isinstance(item, list):
-                out[key] = sorted((_canonical(x) for x in item), key=json.dumps)
+                elements = (_canonical(x) for x in item)
+                out[key] = sorted(elements, key=lambda x: json.dumps(x, sort_keys=True))
             else:
                 out[key] = _canonical(item)
         return out

@@ -345,3 +345,30 @@ def test_a_missing_library_is_a_clear_error(monkeypatch):
 def test_an_unknown_owner_prefix_is_refused():
     with pytest.raises(ValueError, match="no relayroute owner"):
         nftables.table_name("SOMEONE-ELSE-")
+
+
+def test_verdict_map_elements_compare_in_any_order():
+    plan = planner.relay_plan(seed_spec(second=True))
+    want = nftables.desired(plan)
+    reordered = {}
+    for name, chain in want.items():
+        rules = []
+        for rule in chain.rules:
+            statements = json.loads(rule)
+            for item in statements:
+                if "vmap" in item:
+                    item["vmap"]["data"]["set"].reverse()
+            rules.append(json.dumps(statements))
+        reordered[name] = rules
+    document = {"nftables": []}
+    for name, chain in want.items():
+        body = {"family": "inet", "table": "relayroute_relay", "name": name, "handle": 1}
+        if chain.base:
+            body.update(zip(("type", "hook", "prio", "policy"), chain.base))
+        document["nftables"].append({"chain": body})
+        document["nftables"] += [
+            {"rule": {"chain": name, "handle": 9, "expr": json.loads(rule)}}
+            for rule in reordered[name]
+        ]
+    assert any("0xfe : jump" in line for line in nftables.desired_lines(plan))
+    assert nftables.parse(document) == want
