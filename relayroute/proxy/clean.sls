@@ -16,6 +16,7 @@
 
 relayroute-proxy-tproxy-divert-clean:
   relayroute.proxy_absent:
+    - backend: {{ relayroute.config.backend }}
     - persist: {{ persist | json }}
 {{ boot_unit_clean('proxy', persist) }}
 {{ watch_unit_clean('proxy', persist) }}

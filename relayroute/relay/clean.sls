@@ -9,6 +9,7 @@
 
 relayroute-relay-policy-routing-clean:
   relayroute.relay_absent:
+    - backend: {{ relayroute.config.backend }}
     - persist: {{ persist | json }}
 {{ boot_unit_clean('relay', persist) }}
 {{ watch_unit_clean('relay', persist) }}

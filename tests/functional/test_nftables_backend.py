@@ -512,11 +512,6 @@ def test_formula_relay_component_with_backend_nftables(loaders, relay_ns, tmp_pa
     assert our_table(relay_ns) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relayroute/relay/clean.sls does not pass the pillar's backend to relay_absent "
-    "(iptables is assumed): the nftables table stays",
-)
 def test_formula_relay_clean_with_backend_nftables(loaders, relay_ns, tmp_path):
     pillar = formula_pillar(tmp_path)
     with relay_ns.entered():
