@@ -66,12 +66,17 @@ def __virtual__():
         return (False, "relayroute: policy routing and netfilter need a Linux kernel")
     if not netlink.HAS_PYROUTE2:
         return (False, "relayroute: the Python library pyroute2 (>= 0.9) is not installed")
+    # A packet-filter backend: iptables' tools, or libnftables (a host with nft alone).
     missing = [name for name in REQUIRED_BINARIES if not salt.utils.path.which(name)]
     if missing:
-        return (
-            False,
-            f"relayroute: missing {', '.join(missing)} (install the iptables package)",
-        )
+        try:
+            engine.backend("nftables").library()
+        except (RuntimeError, ValueError) as err:
+            return (
+                False,
+                f"relayroute: no packet-filter backend: missing {', '.join(missing)} "
+                f"(install the iptables package), and {err}",
+            )
     return __virtualname__
 
 
