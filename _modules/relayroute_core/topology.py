@@ -484,6 +484,20 @@ def topology(config, minion_id=None):
             _absolute_path(role[key], errors, f"proxy:{key}")
     haproxy(role.get("haproxy"), errors, "proxy:haproxy")
     persist(config.get("persist"), errors, "persist")
+    mechanism = (
+        (config.get("persist") or {}).get("mechanism")
+        if isinstance(config.get("persist"), dict)
+        else None
+    )
+    if backend == "nftables" and mechanism == "network-scripts":
+        # CentOS 7's files restore iptables' rules (iptables.service); the
+        # nftables table is restored by relayroute's boot unit.
+        errors.add(
+            "persist:mechanism",
+            mechanism,
+            "restores iptables' rules at boot, not the nftables backend's table "
+            "(backend: nftables); use mechanism 'unit'",
+        )
     watch(config.get("watch"), errors, "watch")
 
     if errors.items or spec is None or proxy_spec is None:
