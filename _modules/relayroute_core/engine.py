@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 #                                 the owner's part now, and the payload back to it (rollback)
 #   owned_lines(ruleset, prefix) / desired_lines(plan)   what operators read in changes
 #   restore_commands(plan)        shell lines for the boot-time restore script
+#   available()                   whether this host has what the backend runs (tools, library)
 BACKENDS = {iptables.NAME: iptables, nftables.NAME: nftables}
 
 
@@ -286,12 +287,17 @@ def _sysctl_diff(plan, current, result):
         result.changes["sysctls"] = {"old": old_lines, "new": new_lines}
 
 
-def memory_after(plan, current):
+def memory_after(plan, current, backend_name=None):
     """
     What to remember once ``plan`` is applied: the first-seen value of each
-    kernel parameter, and on kernels without rule protocols the rules added.
+    kernel parameter, on kernels without rule protocols the rules added, and
+    the packet-filter backend that holds the plan's chains (``backend``: the
+    next apply looks at another backend only when it differs, see
+    :func:`backends_to_clear`).
     """
     memory = {}
+    if backend_name and plan.chains:
+        memory["backend"] = backend_name
     before = current.memory.get("sysctls_before", {})
     kept = {item.key: before.get(item.key, current.sysctls.get(item.key)) for item in plan.sysctls}
     if kept:
@@ -299,6 +305,71 @@ def memory_after(plan, current):
     if not current.kernel.rule_protocol and plan.rules:
         memory["rules"] = sorted(list(_rule_key(rule)) for rule in plan.rules)
     return memory
+
+
+def backends_to_clear(name, memory, has_work, names):
+    """
+    Pure: the other packet-filter backends (their names, from ``names``) in
+    which an apply with backend ``name`` looks for the role's part, to remove
+    it. ``memory`` is the role's memory (``<role>.json``), whose ``backend``
+    is the backend of the last successful apply; ``has_work``: whether the
+    apply changes anything in ``name``'s backend, the routes, rules, kernel
+    parameters or boot files anyway.
+
+    - The memory names ``name``: none. A no-op costs nothing more (the
+      nftables no-op still starts no process: no ``iptables-save``).
+    - The memory names another backend: that one, on every apply until it
+      succeeds (a switch of backend, or one cut short before its memory was
+      written), even when ``name``'s part is already in place.
+    - No memory (no ``persist``, the role's first apply, a memory written
+      before the backend was remembered): every other backend, but only
+      when the apply has work anyway. A switch always has work (the new
+      backend holds nothing yet), so it finds the old part; a no-op looks
+      nowhere else. What this cannot see: a host without ``persist`` whose
+      switch was cut short between the new backend's transaction and the
+      old one's removal; both then mark alike (harmless) until an apply with
+      work, or ``relayroute.relay_remove``/``proxy_remove`` with the old
+      backend, removes the old part.
+    """
+    others = [other for other in names if other != name]
+    last = memory.get("backend")
+    if last == name:
+        return []
+    if last in others:
+        return [last]
+    return others if has_work else []
+
+
+def clearing(owner, others):
+    """
+    Pure: ``[(backend, ruleset, payload)]``, the transaction removing the
+    owner's part from each of ``others`` (``[(backend, ruleset now)]``) that
+    holds any, and the changes an operator reads under each backend's name.
+    """
+    empty = planner.empty_plan(owner)
+    todo, changes = [], {}
+    for other, ruleset in others:
+        payload = other.transaction(empty, ruleset)
+        if payload:
+            todo.append((other, ruleset, payload))
+            changes[other.NAME] = {
+                "old": other.owned_lines(ruleset, owner.chain_prefix),
+                "new": [],
+            }
+    return todo, changes
+
+
+def _other_rulesets(filter_backend, memory, has_work):
+    """The other backends to look at (see :func:`backends_to_clear`), each read once."""
+    names = backends_to_clear(filter_backend.NAME, memory, has_work, list(BACKENDS))
+    found = []
+    for name in names:
+        other = BACKENDS[name]
+        # A backend this host cannot run holds nothing (no iptables tools on an
+        # nftables-only host, no libnftables on CentOS 7).
+        if other.available():
+            found.append((other, other.read()))
+    return found
 
 
 def connmark_moves(plan, have_routes, have_rules):
@@ -353,14 +424,19 @@ def _undo_ops(done, kernel_before, owner):
     return undo
 
 
-def _rollback(done_ops, filter_written, current, plan, filter_backend):
-    """Put back what was changed, newest first. Returns the problems met doing so."""
+def _rollback(done_ops, written, current, plan):
+    """
+    Put back what was changed, newest first: each packet-filter backend
+    written (``[(backend, ruleset before)]``) to its ruleset before, then the
+    netlink operations. Returns the problems met doing so.
+    """
     problems = []
-    if filter_written:
+    prefix = plan.owner.chain_prefix
+    for filter_backend, before in reversed(written):
         try:
-            chains, jumps = filter_backend.snapshot(current.ruleset, plan.owner.chain_prefix)
+            chains, jumps = filter_backend.snapshot(before, prefix)
             now = filter_backend.read()
-            payload = filter_backend.transaction_to(chains, jumps, now, plan.owner.chain_prefix)
+            payload = filter_backend.transaction_to(chains, jumps, now, prefix)
             if payload:
                 filter_backend.apply(payload)
         except Exception as err:  # noqa: BLE001 - report every rollback failure
@@ -381,6 +457,7 @@ def converge(
     scope=None,
     persist_target=None,
     kernel=None,
+    others=None,
 ):
     """
     Bring the owner's kernel state to ``plan``. Returns ``{"changes": ...}``;
@@ -392,8 +469,26 @@ def converge(
     With ``persist_target`` (a :class:`persist.Target`), what the host runs at
     boot and the remembered earlier values are kept (see :mod:`persist`).
     ``kernel``: a netlink dump already made for this run, reused.
+
+    Switching backend: the owner's part in another packet-filter backend
+    (``others``: ``[(backend, ruleset)]``; by default, when the engine reads
+    the kernel itself, the backends :func:`backends_to_clear` names, each
+    read once) is removed in the same apply, right after ``filter_backend``'s
+    transaction and before anything stale goes: new routes and rules, the
+    new backend's chains, the old backend's part out, then the connmark moves
+    and the removals. There is never a moment where neither backend marks.
+    For a moment both do, which is harmless: both render the same plan
+    (a relay's marks come from the same proxies, MACs, masks and values), so
+    a packet one backend marks gets the same bits from the other, under the
+    same mask; restoring a mark the other has set, or saving one it has
+    restored, writes the bits that are there already. Established
+    connections keep their connmark throughout: both backends restore it
+    the same way. The verification reads both again; a failure puts both
+    back as they were. Changes are reported under each backend's name: the
+    additions under the new one's, the removals under the old one's.
     """
     directory = persist_target.dir if persist_target else None
+    own_read = current is None
     if current is None:
         memory = persist.load(directory, plan.owner.role)
         keys = [item.key for item in plan.sysctls]
@@ -404,11 +499,17 @@ def converge(
         raise InputError(errors)
     todo = diff(plan, current, filter_backend, scope)
     saving = _persist_changes(plan, current, filter_backend, persist_target, prefix)
+    if others is None:
+        others = []
+        if own_read and scope is None:
+            others = _other_rulesets(filter_backend, current.memory, bool(todo or saving))
+    clears, cleared = clearing(plan.owner, others) if scope is None else ([], {})
+    todo.changes.update(cleared)
     if saving:
         todo.changes["persist"] = saving["changes"]
     if test:
         return {"changes": todo.changes}
-    if not todo:
+    if not todo and not clears:
         # Nothing to change; the data path is still proven, as after a change.
         problems = lookup_problems(plan, current.kernel, prefix)
         if problems:
@@ -418,28 +519,35 @@ def converge(
         return {"changes": todo.changes}
 
     done = []
-    filter_written = False
+    written = []
     try:
         done += netlink.run_ops(todo.before)
         if todo.transaction:
+            written.append((filter_backend, current.ruleset))
             filter_backend.apply(todo.transaction)
-            filter_written = True
+        # The old backend's part goes once the new one marks (see above).
+        for other, ruleset, payload in clears:
+            written.append((other, ruleset))
+            other.apply(payload)
         done += netlink.run_ops(todo.after)
         keys = [item.key for item in plan.sysctls]
         now = read(filter_backend, sysctl_keys=keys)
         now.kernel = adopt_rules(now.kernel, plan, current.memory)
         again = diff(plan, now, filter_backend, scope)
-        if again:
+        left, _ = clearing(plan.owner, [(other, other.read()) for other, _r, _p in clears])
+        if again or left:
+            found = [f"{again.changes}"] if again else []
+            found += [f"{other.NAME} still holds the role's part" for other, _r, _p in left]
             raise RuntimeError(
                 "verification failed: after applying, the kernel still differs from the plan: "
-                f"{again.changes}"
+                + "; ".join(found)
             )
         problems = lookup_problems(plan, now.kernel, prefix)
         if problems:
             raise RuntimeError(_lookups_failed(problems))
     except Exception as err:
         done += getattr(err, "done", [])
-        problems = _rollback(done, filter_written, current, plan, filter_backend)
+        problems = _rollback(done, written, current, plan)
         if problems:
             raise ApplyError(
                 f"{err}; rollback incomplete: {'; '.join(problems)}", rolled_back=False
@@ -496,7 +604,7 @@ def _persist_changes(plan, current, filter_backend, target, prefix=""):
     problems = persist.check_host(plan, target, files, _key(prefix, "persist:mechanism"))
     if problems:
         raise InputError(problems)
-    memory = memory_after(plan, current)
+    memory = memory_after(plan, current, filter_backend.NAME)
     script, memory_path = persist.paths(target.dir, plan.owner.role)
     # The restore script is always looked after; the other files are
     # remembered so that a later plan or mechanism without them cleans them.

@@ -10,6 +10,7 @@ alone, so a changed chain is rewritten whole, atomically.
 """
 
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List
@@ -319,6 +320,11 @@ def _env():
     env = dict(os.environ)
     env["LC_ALL"] = "C"
     return env
+
+
+def available():
+    """Whether this host has iptables' tools (a host with nft alone has none)."""
+    return all(shutil.which(tool) for tool in (SAVE[0], RESTORE[0]))
 
 
 def read():

@@ -576,6 +576,15 @@ def read():
     return ruleset
 
 
+def available():
+    """Whether this host has libnftables (CentOS 7 has none)."""
+    try:
+        library()
+    except BackendError:
+        return False
+    return True
+
+
 def apply(payload):
     """Write one batch (``nft -f``, in process): all or nothing."""
     code, _out, err = run(payload)

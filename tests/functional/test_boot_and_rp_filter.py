@@ -30,7 +30,11 @@ def test_restore_script_brings_back_what_was_applied(loaders, relay_ns, tmp_path
     persist = tmp_path / "relayroute"
     with relay_ns.entered():
         ret = loaders.modules.relayroute.relay_apply(persist_dir=str(persist), **ARGS)
-        assert ret["changes"]["persist"] == {str(persist / "relay.restore"): "created"}
+        # relay.json remembers the backend that holds the chains (engine.backends_to_clear).
+        assert ret["changes"]["persist"] == {
+            str(persist / "relay.restore"): "created",
+            str(persist / "relay.json"): "created",
+        }
         applied = relay_ns.snapshot()
         lose_runtime_state(relay_ns, [1000254])
         assert relay_ns.snapshot() != applied
@@ -43,7 +47,10 @@ def test_restore_script_brings_back_what_was_applied(loaders, relay_ns, tmp_path
             "changes": {}
         }
         gone = loaders.modules.relayroute.relay_remove(persist_dir=str(persist))
-    assert gone["changes"]["persist"] == {str(persist / "relay.restore"): "removed"}
+    assert gone["changes"]["persist"] == {
+        str(persist / "relay.restore"): "removed",
+        str(persist / "relay.json"): "removed",
+    }
     assert not (persist / "relay.restore").exists()
 
 

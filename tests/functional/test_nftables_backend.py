@@ -295,7 +295,8 @@ def test_boot_restore_brings_back_only_our_lost_table(loaders, relay_ns, tmp_pat
     with relay_ns.entered():
         ret = loaders.modules.relayroute.relay_apply(persist_dir=str(persist), **NFT, **ARGS)
     script = persist / "relay.restore"
-    assert ret["changes"]["persist"] == {str(script): "created"}
+    memory = persist / "relay.json"  # remembers the backend (engine.backends_to_clear)
+    assert ret["changes"]["persist"] == {str(script): "created", str(memory): "created"}
     assert "nft -f - <<'RULES'" in script.read_text()
     applied = snapshot(relay_ns)
     table = our_table(relay_ns)
@@ -312,7 +313,7 @@ def test_boot_restore_brings_back_only_our_lost_table(loaders, relay_ns, tmp_pat
     assert nft(relay_ns, "-a list table inet othertool").stdout == other
     with relay_ns.entered():
         gone = loaders.modules.relayroute.relay_remove(persist_dir=str(persist), **NFT)
-    assert gone["changes"]["persist"] == {str(script): "removed"}
+    assert gone["changes"]["persist"] == {str(script): "removed", str(memory): "removed"}
 
 
 # A transparent listener (IP_TRANSPARENT, as HAProxy's ``bind ... transparent``)
