@@ -102,6 +102,8 @@ def apply_sls(loaders, sls, pillar_data, test=False):
 
 def test_formula_proxy_component(loaders, proxy_ns, tmp_path):
     data = pillar(tmp_path)
+    # The iptables lines below: pinned (Debian 12's default is nftables).
+    data["relayroute"]["backend"] = "iptables"
     nonlocal_bind = "sysctl -n net.ipv4.ip_nonlocal_bind"
     with proxy_ns.entered():
         before = proxy_ns.snapshot()
@@ -182,6 +184,7 @@ def test_tcp_tw_recycle_is_refused_and_nothing_changes(loaders, proxy_ns, tmp_pa
 def test_a_mask_other_than_0xff_needs_no_divert_mark(loaders, proxy_ns, tmp_path):
     """mark_mask 0xf0, proxy marks 0x20/0x30, no divert_mark: the divert takes 0x10."""
     data = pillar(tmp_path)
+    data["relayroute"]["backend"] = "iptables"  # the iptables line below (default: nftables)
     data["relayroute"]["mark_mask"] = 0xF0
     data["relayroute"]["proxies"][MINION]["mark"] = 0x20
     data["relayroute"]["proxies"]["master-relay-2"] = {

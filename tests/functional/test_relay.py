@@ -236,6 +236,7 @@ def test_formula_relay_role_with_a_mask_other_than_0xff(loaders, relay_ns, tmp_p
     """The relay component under mark_mask 0xf0: marks, masks and rules follow the mask."""
     pillar = {
         "relayroute": {
+            "backend": "iptables",  # the iptables lines below (Debian 12's default: nftables)
             "lan_networks": ["192.0.2.0/24"],
             "mark_mask": 0xF0,
             "proxies": {

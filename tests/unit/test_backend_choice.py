@@ -6,9 +6,61 @@ merges them, the engine's decision and the removal it plans. No root.
 
 import pytest
 
-from relayroute_core import engine, iptables, model, netlink, nftables, planner
+from relayroute_core import engine, iptables, model, netlink, nftables, planner, topology
+from tests.unit.test_bad_topologies import MINION, as_map_jinja, pillar_for
 
 NAMES = ["iptables", "nftables"]
+
+
+@pytest.mark.parametrize(
+    ("os_family", "osfinger", "backend"),
+    [
+        ("Debian", "Debian-11", "nftables"),
+        ("Debian", "Debian-12", "nftables"),
+        ("Debian", "Debian-13", "nftables"),  # a release osfinger.yaml does not name
+        ("Debian", "Ubuntu-20.04", "nftables"),
+        ("Debian", "Ubuntu-24.04", "nftables"),
+        ("Debian", "Debian-10", "iptables"),
+        ("Debian", "Ubuntu-18.04", "iptables"),
+        ("RedHat", "AlmaLinux-8", "nftables"),
+        ("RedHat", "AlmaLinux-9", "nftables"),
+        ("RedHat", "Rocky Linux-9", "nftables"),
+        ("RedHat", "Red Hat Enterprise Linux-9", "nftables"),
+        ("RedHat", "CentOS Linux-7", "iptables"),
+        ("RedHat", "Red Hat Enterprise Linux Server-7", "iptables"),
+    ],
+)
+def test_the_default_backend_follows_the_platform_and_pillar_wins(os_family, osfinger, backend):
+    # pillar.example names its backend; without it the parameters decide.
+    without = {"patch": {"relayroute": {"backend": "__delete__"}}}
+    config = as_map_jinja(pillar_for(without), os_family, osfinger)
+    assert config["backend"] == backend
+    assert topology.topology(config, MINION)["errors"] == []
+    # The formula's states get it as it is (relay/init.sls: backend: {{ config.backend }}).
+    other = {"iptables": "nftables", "nftables": "iptables"}[backend]
+    for where in ({"backend": other}, {"lookup": {"backend": other}}):
+        chosen = {"patch": {"relayroute": {"backend": "__delete__", **where}}}
+        assert as_map_jinja(pillar_for(chosen), os_family, osfinger)["backend"] == other
+
+
+def test_a_bad_backend_is_named_after_the_platform_default():
+    case = {"patch": {"relayroute": {"backend": "nft"}}}
+    errors = topology.topology(as_map_jinja(pillar_for(case)), MINION)["errors"]
+    assert errors == [
+        "relayroute:backend: is not a packet-filter backend of relayroute "
+        "(iptables, nftables) (got 'nft')"
+    ]
+
+
+def test_centos_7_keeps_iptables_with_its_network_scripts():
+    """nftables with network-scripts is refused; the CentOS 7 defaults never ask for it."""
+    without = {"patch": {"relayroute": {"backend": "__delete__"}}}
+    for osfinger in ("CentOS Linux-7", "Red Hat Enterprise Linux Server-7"):
+        config = as_map_jinja(pillar_for(without), "RedHat", osfinger)
+        assert (config["backend"], config["persist"]["mechanism"]) == (
+            "iptables",
+            "network-scripts",
+        )
 
 
 # --- where an apply looks for the role's part in the other backend ----------
