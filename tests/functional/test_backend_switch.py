@@ -365,3 +365,43 @@ def test_the_nftables_restore_runs_under_the_watcher_units_sandbox(loaders, rela
     assert families <= set(allowed_families), families
     with relay_ns.entered():
         loaders.modules.relayroute.relay_remove(backend="nftables", persist_dir=str(persist))
+
+
+def test_the_formula_follows_the_platform_default_and_a_pillar_switch(loaders, relay_ns, tmp_path):
+    """
+    This Debian 12 minion's default is nftables (parameters/os_family/Debian.yaml);
+    pillar ``backend: iptables`` moves the role there, and clean.sls with the
+    pillar back on the default removes the iptables part, by the memory.
+    """
+    from tests.functional.test_nftables_backend import formula_pillar
+
+    pillar = formula_pillar(tmp_path)
+    del pillar["relayroute"]["backend"]
+    pinned = {"relayroute": {**pillar["relayroute"], "backend": "iptables"}}
+    before = relay_ns.snapshot()
+
+    def ok(ret):
+        assert all(state["result"] is True for state in ret.raw.values()), ret.raw
+        return ret.raw
+
+    with relay_ns.entered():
+        ok(loaders.modules.state.sls("relayroute.relay", pillar=pillar))
+        assert our_table(relay_ns)
+        assert not iptables_part(relay_ns)
+        dry = loaders.modules.state.sls("relayroute.relay", pillar=pinned, test=True).raw
+        (routing,) = [s for s in dry.values() if s["__id__"] == "relayroute-relay-policy-routing"]
+        assert routing["result"] is None
+        assert routing["changes"]["nftables"]["new"] == []
+        assert routing["changes"]["iptables"]["old"] == []
+        ok(loaders.modules.state.sls("relayroute.relay", pillar=pinned))
+        assert our_table(relay_ns) is None
+        assert iptables_part(relay_ns)
+        restore = (tmp_path / "relayroute" / "relay.restore").read_text()
+        assert "iptables-restore --noflush" in restore
+        again = ok(loaders.modules.state.sls("relayroute.relay", pillar=pinned))
+        assert all(state["changes"] == {} for state in again.values()), again
+        ok(loaders.modules.state.sls("relayroute.relay.clean", pillar=pillar))
+    assert our_table(relay_ns) is None
+    assert not iptables_part(relay_ns)
+    assert relay_ns.snapshot() == before
+    assert not list((tmp_path / "relayroute").iterdir())
