@@ -114,6 +114,7 @@ relayroute:
   lan_networks:
     - 192.0.2.0/24
   mark_mask: 0xff
+  backend: iptables
   proxies:
     master-relay:
       address: 192.0.2.2

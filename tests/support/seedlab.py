@@ -124,6 +124,9 @@ class SeedLab:
             "relayroute": {
                 "lan_networks": list(self.lan_networks),
                 "mark_mask": 0xFF,
+                # The lab's proofs are the iptables backend's (Debian 12's default
+                # is nftables: parameters/); the nftables lab variant is to come.
+                "backend": "iptables",
                 "ports": [25, 587],
                 "proxies": {
                     "master-relay": {
