@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.functional.test_nftables_backend import OTHER_TOOL, nft, our_table, relay_args
+from tests.functional.test_nftables_backend import (
+    CLIENT,
+    OTHER_TOOL,
+    VIP,
+    nft,
+    our_table,
+    relay_args,
+    transparent_server,
+)
 from tests.functional.test_relay import ARGS
 from tests.functional.test_watch_repairs import UNIT_PRIVILEGES
 from tests.support.hosts import (
@@ -31,7 +39,8 @@ from tests.support.hosts import (
     internet,
     relay_lan,
 )
-from tests.support.tcp import HeldSession, Ticker, start_server
+from tests.support.netns import veth
+from tests.support.tcp import HeldSession, Ticker, connect, start_server
 
 pytestmark = pytest.mark.root
 
@@ -405,3 +414,54 @@ def test_the_formula_follows_the_platform_default_and_a_pillar_switch(loaders, r
     assert not iptables_part(relay_ns)
     assert relay_ns.snapshot() == before
     assert not list((tmp_path / "relayroute").iterdir())
+
+
+@pytest.fixture
+def tproxy_net(make_netns):
+    """A client routed by the proxy, a transparent listener on the VIP (test_nftables_backend)."""
+    client, proxy = make_netns("client"), make_netns("proxy")
+    veth(client, "eth0", proxy, "eth0")
+    client.ip(f"addr add {CLIENT}/24 dev eth0")
+    client.ip("route add default via 203.0.113.1")
+    proxy.ip("addr add 203.0.113.1/24 dev eth0")
+    proxy.sysctl("net.ipv4.ip_forward", 0)
+    transparent_server(proxy, VIP, 25)
+    return client, proxy
+
+
+def test_the_proxy_role_switches_both_ways(loaders, tproxy_net):
+    """The TPROXY divert moves too: the VIP answers after each switch, nothing of the old stays."""
+    client, proxy = tproxy_net
+    plant_foreign(proxy)
+    others = foreign(proxy)
+    before = proxy.snapshot()
+
+    def proxy_part():
+        return [
+            line for line in proxy.exec("iptables-save").stdout.splitlines() if "RELAYROUTE" in line
+        ]
+
+    def proxy_table():
+        found = nft(proxy, "list table inet relayroute_proxy", check=False)
+        return found.stdout if found.returncode == 0 else None
+
+    with proxy.entered():
+        loaders.modules.relayroute.proxy_apply(backend="iptables")
+    assert connect(client, VIP, 25, CLIENT) == f"220 diverted {CLIENT}"
+    with proxy.entered():
+        moved = loaders.modules.relayroute.proxy_apply(backend="nftables")
+    assert moved["changes"]["iptables"]["new"] == []
+    assert not proxy_part()
+    assert proxy_table()
+    assert connect(client, VIP, 25, CLIENT) == f"220 diverted {CLIENT}"
+    with proxy.entered():
+        back = loaders.modules.relayroute.proxy_apply(backend="iptables")
+    assert back["changes"]["nftables"]["new"] == []
+    assert proxy_table() is None
+    assert proxy_part()
+    assert connect(client, VIP, 25, CLIENT) == f"220 diverted {CLIENT}"
+    with proxy.entered():
+        loaders.modules.relayroute.proxy_remove(backend="nftables")
+    assert not proxy_part()
+    assert proxy.snapshot() == before
+    assert foreign(proxy) == others
