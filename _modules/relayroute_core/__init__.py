@@ -484,6 +484,23 @@ def lookup_mac(address, resolve=True):
         raise _fail(err) from err
 
 
+def _pillar_backend(role):
+    """
+    The backend of this minion's role: the pillar's ``relayroute:backend``;
+    without one, the backend of the role's last successful apply, as its
+    memory (``<persist:dir>/<role>.json``) records it (the formula's default
+    comes from ``parameters/`` through map.jinja, which a module does not
+    render); ``iptables`` when neither says.
+    """
+    config = __pillar__.get("relayroute")  # noqa: F821 - injected by Salt's loader
+    config = config if isinstance(config, dict) else {}
+    if config.get("backend"):
+        return config["backend"]
+    persist = config.get("persist") if isinstance(config.get("persist"), dict) else {}
+    memory = persistence.load(persist.get("dir", persistence.DEFAULT_DIR), role)
+    return memory.get("backend") or "iptables"
+
+
 def discovered_proxies():
     """
     The proxies of this minion's relay topology (pillar ``relayroute``) whose
@@ -529,8 +546,7 @@ def marked_macs(backend=None):
         salt relay1 relayroute.marked_macs
     """
     if backend is None:
-        config = __pillar__.get("relayroute")  # noqa: F821 - injected by Salt's loader
-        backend = config.get("backend", "iptables") if isinstance(config, dict) else "iptables"
+        backend = _pillar_backend("relay")
     filter_backend = _backend(backend)
     try:
         ruleset = filter_backend.read()
@@ -657,7 +673,7 @@ def check_topology(textfile=None, retcode=True, summary_only=False):
         if retcode:
             __context__["retcode"] = 2  # noqa: F821
         return verdict["summary"] if summary_only else verdict
-    backend = (config or {}).get("backend", "iptables")
+    backend = _pillar_backend("relay")
     return check(
         backend=backend,
         prefix="relayroute",

@@ -47,6 +47,8 @@ class Target:
     systemd_dir: str = "/etc/systemd/system"
 
 
+# Where the formula keeps each role's boot files and memory (parameters/defaults.yaml).
+DEFAULT_DIR = "/etc/relayroute"
 # relayroute's host lock: engine.LOCK_PATH, which every apply holds (flock(2))
 # from its read to its last write; RELAYROUTE_LOCK overrides it for both.
 DEFAULT_LOCK = "/run/relayroute/lock"
