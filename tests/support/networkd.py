@@ -12,8 +12,11 @@ started in the network namespace (``ip netns exec NS unshare --mount
   ``networkd.conf`` drop-ins, bind-mounted from this run's own directory onto
   ``/run/systemd/network`` and ``/run/systemd/networkd.conf.d`` (both are
   directories networkd reads);
-- ``/sys`` bound read-only: networkd then does not wait for udev (no udev in a
-  namespace), as in a container.
+- a read-only sysfs of the namespace's own, mounted from inside it: networkd
+  finds the namespace's links in ``/sys/class/net`` (in a chroot ``ip netns
+  exec`` may leave the host's sysfs in place, and networkd then waits for
+  links it cannot see there), and, ``/sys`` being read-only, does not wait for
+  udev (none runs in a namespace), as in a container.
 
 ``dbus-daemon --system`` and networkd are started inside it with ``nsenter``
 (its own debug log to this run's directory), ``networkctl`` is run the same
@@ -39,8 +42,8 @@ mount -t tmpfs -o mode=0755 relayroute-lab-run /run
 mkdir -p /run/dbus /run/systemd/network /run/systemd/networkd.conf.d
 mount --bind "$1/network" /run/systemd/network
 mount --bind "$1/networkd.conf.d" /run/systemd/networkd.conf.d
-mount --bind /sys /sys
-mount -o remount,bind,ro /sys
+umount -l /sys
+mount -t sysfs -o ro relayroute-lab-sys /sys
 echo ready
 exec sleep infinity
 """
