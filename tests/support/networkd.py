@@ -108,7 +108,12 @@ class Networkd:
     # Processes.
 
     def _nsenter(self, argv):
-        return ["nsenter", "--target", str(self.anchor.pid), "--mount", "--net", *argv]
+        # --root/--wd: the anchor's root and directory, which differ from the
+        # mount namespace's own root when this runs in a chroot.
+        return [
+            "nsenter", "--target", str(self.anchor.pid), "--mount", "--net", "--root", "--wd",
+            *argv,
+        ]  # fmt: skip
 
     def start(self, timeout=30):
         """The anchor, the bus, then networkd; returns when ``networkctl`` answers over the bus."""
