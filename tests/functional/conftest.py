@@ -81,3 +81,23 @@ def two_legged(make_netns):
         relay.sysctl(f"net.ipv4.conf.{key}.rp_filter", 1)
     start_server(relay, RELAY, 25)
     return {"client": client, "relay": relay, "proxy": proxy}
+
+
+@pytest.fixture
+def net(make_netns):
+    """
+    The reply-path tests' hosts (test_reply_path): direct clients through a
+    stateful default gateway, proxied ones through a proxy that forwards, a
+    relay on the LAN with a server on 25.
+    """
+    from tests.support.hosts import DIRECT, PROXIED, RELAY, internet, relay_lan
+    from tests.support.tcp import start_server
+
+    client, inet, gw, proxy, lan, relay = (
+        make_netns(name) for name in ("client", "inet", "gw", "proxy", "lan", "relay")
+    )
+    internet(client, inet, gw, proxy, DIRECT, PROXIED)
+    relay_lan(lan, gw, proxy, relay)
+    relay.ip("route add default via 192.0.2.1")
+    start_server(relay, RELAY, 25)
+    return {"client": client, "relay": relay, "proxy": proxy, "gw": gw}

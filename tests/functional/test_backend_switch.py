@@ -36,11 +36,9 @@ from tests.support.hosts import (
     count_forwarded,
     dropped,
     forwarded,
-    internet,
-    relay_lan,
 )
 from tests.support.netns import veth
-from tests.support.tcp import HeldSession, Ticker, connect, start_server
+from tests.support.tcp import HeldSession, Ticker, connect
 
 pytestmark = pytest.mark.root
 
@@ -68,19 +66,6 @@ def foreign(ns):
 def plant_foreign(ns):
     nft(ns, "-f -", input=OTHER_TOOL)
     ns.exec(["iptables-restore", "--noflush"], input=FOREIGN_MANGLE)
-
-
-@pytest.fixture
-def net(make_netns):
-    """The reply-path test's hosts: direct clients through a stateful gateway, proxied ones."""
-    client, inet, gw, proxy, lan, relay = (
-        make_netns(name) for name in ("client", "inet", "gw", "proxy", "lan", "relay")
-    )
-    internet(client, inet, gw, proxy, DIRECT, PROXIED)
-    relay_lan(lan, gw, proxy, relay)
-    relay.ip("route add default via 192.0.2.1")
-    start_server(relay, RELAY, 25)
-    return {"client": client, "relay": relay, "proxy": proxy, "gw": gw}
 
 
 def paced(loaders, monkeypatch, steps):

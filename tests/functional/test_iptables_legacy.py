@@ -23,7 +23,7 @@ import pytest
 
 from tests.functional.test_atomic import loaded
 from tests.functional.test_relay import ARGS
-from tests.functional.test_reply_path import net, relayroute_applied  # noqa: F401 - a fixture
+from tests.functional.test_reply_path import relayroute_applied
 from tests.support.hosts import DIRECT, PROXIED, RELAY, lose_runtime_state
 from tests.support.tcp import connect
 
@@ -51,7 +51,7 @@ def mangle(ns, flavour):
     return ns.exec([f"iptables-{flavour}-save", "-t", "mangle"]).stdout
 
 
-def test_both_paths_on_iptables_legacy(loaders, net, legacy):  # noqa: F811
+def test_both_paths_on_iptables_legacy(loaders, net, legacy):
     relay = net["relay"]
     assert relay.exec("iptables -V").stdout.strip().endswith("(legacy)")
     assert relayroute_applied(loaders, net).result is True

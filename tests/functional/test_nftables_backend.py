@@ -21,11 +21,9 @@ from tests.support.hosts import (
     count_forwarded,
     dropped,
     forwarded,
-    internet,
-    relay_lan,
 )
 from tests.support.netns import mac_of, veth
-from tests.support.tcp import Ticker, connect, start_server
+from tests.support.tcp import Ticker, connect
 
 pytestmark = pytest.mark.root
 
@@ -95,19 +93,6 @@ def loaded(loaders, suffix):
         for name, mod in sys.modules.items()
         if name.endswith(f".relayroute_core.{suffix}") and mod is not None
     )
-
-
-@pytest.fixture
-def net(make_netns):
-    """The reply-path test's hosts (see test_reply_path): direct and proxied clients."""
-    client, inet, gw, proxy, lan, relay = (
-        make_netns(name) for name in ("client", "inet", "gw", "proxy", "lan", "relay")
-    )
-    internet(client, inet, gw, proxy, DIRECT, PROXIED)
-    relay_lan(lan, gw, proxy, relay)
-    relay.ip("route add default via 192.0.2.1")
-    start_server(relay, RELAY, 25)
-    return {"client": client, "relay": relay, "proxy": proxy, "gw": gw}
 
 
 def relay_args(net):

@@ -20,25 +20,11 @@ from tests.support.hosts import (
     count_forwarded,
     dropped,
     forwarded,
-    internet,
-    relay_lan,
 )
 from tests.support.netns import mac_of
-from tests.support.tcp import NEGATIVE_TIMEOUT, HeldSession, Ticker, connect, start_server
+from tests.support.tcp import NEGATIVE_TIMEOUT, HeldSession, Ticker, connect
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def net(make_netns):
-    client, inet, gw, proxy, lan, relay = (
-        make_netns(name) for name in ("client", "inet", "gw", "proxy", "lan", "relay")
-    )
-    internet(client, inet, gw, proxy, DIRECT, PROXIED)
-    relay_lan(lan, gw, proxy, relay)
-    relay.ip("route add default via 192.0.2.1")
-    start_server(relay, RELAY, 25)
-    return {"client": client, "relay": relay, "proxy": proxy, "gw": gw}
 
 
 def proxies(net):
