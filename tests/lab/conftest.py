@@ -48,7 +48,7 @@ base:
 
 @pytest.fixture(scope="package")
 def lab():
-    built = seedlab.SeedLab()
+    built = seedlab.SeedLab(backend="iptables")
     try:
         yield built
     finally:

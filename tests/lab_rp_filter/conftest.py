@@ -32,7 +32,7 @@ class MaskedTwoLeggedLab(seedlab.TwoLeggedLab):
 
 @pytest.fixture(scope="package")
 def lab():
-    built = MaskedTwoLeggedLab()
+    built = MaskedTwoLeggedLab(backend="iptables")
     try:
         yield built
     finally:

@@ -50,9 +50,9 @@ class HALab(SeedLab):
 
     name = "ha"
 
-    def __init__(self, relays=seedlab.RELAYS):
+    def __init__(self, relays=seedlab.RELAYS, backend=None):
         self.nodes = dict(NODES)
-        super().__init__(relays)
+        super().__init__(relays, backend)
 
     def _build(self):
         client, inet, gw = self.host("client"), self.host("inet"), self.host("gw")

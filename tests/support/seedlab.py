@@ -48,7 +48,10 @@ class SeedLab:
 
     name = "seed"
 
-    def __init__(self, relays=RELAYS):
+    def __init__(self, relays=RELAYS, backend=None):
+        # The packet-filter backend the pillar names; None names none, so the
+        # platform's default (parameters/: nftables on Debian 12) is what runs.
+        self.backend = backend
         # Where HAProxy and the pillar reach each relay, and where clients do.
         self.relay_addresses = dict(relays)
         self.direct_addresses = dict(relays)
@@ -124,9 +127,7 @@ class SeedLab:
             "relayroute": {
                 "lan_networks": list(self.lan_networks),
                 "mark_mask": 0xFF,
-                # The lab's proofs are the iptables backend's (Debian 12's default
-                # is nftables: parameters/); the nftables lab variant is to come.
-                "backend": "iptables",
+                **({"backend": self.backend} if self.backend else {}),
                 "ports": [25, 587],
                 "proxies": {
                     "master-relay": {
@@ -242,8 +243,8 @@ class TwoLeggedLab(SeedLab):
 
     name = "rpf"
 
-    def __init__(self):
-        super().__init__({n: f"192.0.2.{131 + i}" for i, n in enumerate(RELAYS)})
+    def __init__(self, backend=None):
+        super().__init__({n: f"192.0.2.{131 + i}" for i, n in enumerate(RELAYS)}, backend)
         self.direct_addresses = dict(RELAYS)
         self.lan_networks = ["192.0.2.0/25", "192.0.2.128/25"]
         self.proxy_address = "192.0.2.130"
