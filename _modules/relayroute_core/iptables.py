@@ -15,6 +15,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List
 
+from . import family
+
 NAME = "iptables"
 TABLE = "mangle"
 HOOKS = {"prerouting": "PREROUTING", "output": "OUTPUT"}
@@ -31,6 +33,16 @@ WAIT = ("--wait", str(XTABLES_WAIT))
 
 class BackendError(RuntimeError):
     """A packet-filter command failed; the message carries the command and its stderr."""
+
+
+def _in_family(rule, version):
+    """Whether an abstract rule belongs in ``version``'s table (iptables: 4, ip6tables: 6)."""
+    kind = rule[0]
+    if kind == "return_if_source":
+        return family.of(rule[1]).version == version
+    if kind == "return_if_neighbour_discovery":
+        return version == 6
+    return True
 
 
 def render_rule(rule, chain_name):
@@ -142,7 +154,9 @@ def desired(plan):
     jumps = []
     for chain in plan.chains:
         name = chain_name(chain.name)
-        chains[name] = [render_rule(rule, chain_name) for rule in chain.rules]
+        chains[name] = [
+            render_rule(rule, chain_name) for rule in chain.rules if _in_family(rule, 4)
+        ]
         if chain.hook:
             jumps.append((HOOKS[chain.hook], f"-j {name}"))
     return chains, jumps

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from . import family
+
 # Tables the kernel reserves: unspec, default, main, local.
 RESERVED_TABLES = {0: "unspec", 253: "default", 254: "main", 255: "local"}
 # Rule priorities the kernel's default rules use: local, main, default.
@@ -33,7 +35,10 @@ class Proxy:
     """One master-relay as a relay sees it."""
 
     name: str
-    address: str
+    # The proxy's LAN addresses, at most one per family, IPv4 first: the
+    # gateway of its table in each family it has one in. A plain string is
+    # taken as one address.
+    addresses: Tuple[str, ...]
     mark: int
     table: int
     priority: int
@@ -43,10 +48,23 @@ class Proxy:
     macs: Tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.addresses, str):
+            object.__setattr__(self, "addresses", (self.addresses,))
+        elif self.addresses is None:
+            object.__setattr__(self, "addresses", ())
         if self.mac and not self.macs:
             object.__setattr__(self, "macs", (self.mac,))
         elif self.macs and self.mac != self.macs[0]:
             object.__setattr__(self, "mac", self.macs[0])
+
+    @property
+    def address(self):
+        """The first LAN address (the IPv4 one on a dual-stack LAN); None when none."""
+        return self.addresses[0] if self.addresses else None
+
+    def gateways(self):
+        """``(Family, address)`` of each LAN address, IPv4 first."""
+        return tuple((family.of(address), address) for address in self.addresses)
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,8 @@ class ProxySpec:
     divert_table: int
     divert_priority: int
     mark_mask: int
+    # The families of the proxy's VIPs: the divert is set up in each.
+    families: Tuple[int, ...] = (4,)
 
 
 @dataclass
@@ -110,31 +130,110 @@ def to_int(value, errors, path, minimum=0, maximum=U32, what="an integer"):
     return number
 
 
-def to_ipv4(value, errors, path):
-    """Read a single IPv4 address; None when invalid."""
+def to_address(value, errors, path):
+    """Read a single IPv4 or IPv6 address, normalised; None when invalid."""
     if not isinstance(value, str):
-        errors.add(path, value, "must be an IPv4 address as a string")
+        errors.add(path, value, "must be an IPv4 or IPv6 address as a string")
         return None
     try:
-        return str(ipaddress.IPv4Address(value.strip()))
+        return str(ipaddress.ip_address(value.strip()))
     except ValueError:
-        errors.add(path, value, "is not a valid IPv4 address")
+        errors.add(path, value, "is not a valid IPv4 or IPv6 address")
         return None
+
+
+def to_addresses(value, errors, path):
+    """
+    Read one address, or a list of at most one address per family (a host on
+    a dual-stack LAN): a tuple, IPv4 first; () when invalid (errors added).
+    Each bad item is named by its index (``address:1``).
+    """
+    if isinstance(value, str):
+        address = to_address(value, errors, path)
+        return (address,) if address else ()
+    if not isinstance(value, (list, tuple)) or not value:
+        errors.add(
+            path,
+            value,
+            "must be an address, or a list of one IPv4 and one IPv6 address",
+        )
+        return ()
+    found = {}
+    ok = True
+    for index, item in enumerate(value):
+        address = to_address(item, errors, f"{path}:{index}")
+        if address is None:
+            ok = False
+            continue
+        version = ipaddress.ip_address(address).version
+        if version in found:
+            errors.add(
+                f"{path}:{index}",
+                item,
+                f"is a second IPv{version} address (also {found[version]}); "
+                "give one address per family",
+            )
+            ok = False
+            continue
+        found[version] = address
+    if not ok:
+        return ()
+    return tuple(found[version] for version in sorted(found))
+
+
+def gateway_problem(address):
+    """Why ``address`` cannot be a next hop in a policy table, or None."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 6 and ip.is_link_local:
+        return (
+            "is a link-local address: give the global (or unique-local) address on the LAN; "
+            "a link-local next hop needs an interface, and each node of an HA pair has its own"
+        )
+    if ip.version == 6 and ip.ipv4_mapped:
+        return f"is an IPv4-mapped IPv6 address; give the IPv4 address {ip.ipv4_mapped}"
+    return None
+
+
+def check_gateways(addresses, raw, errors, path):
+    """Drop (and report) addresses that cannot be a next hop; keep the others."""
+    kept = []
+    items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    for address in addresses:
+        why = gateway_problem(address)
+        if why is None:
+            kept.append(address)
+            continue
+        index = next(i for i, item in enumerate(items) if _same_address(item, address))
+        errors.add(f"{path}:{index}" if isinstance(raw, (list, tuple)) else path, items[index], why)
+    return tuple(kept)
+
+
+def _same_address(item, address):
+    try:
+        return ipaddress.ip_address(str(item).strip()) == ipaddress.ip_address(address)
+    except ValueError:
+        return False
+
+
+def plain(addresses):
+    """The pillar form of a tuple of addresses: a string for one, a list for two."""
+    return addresses[0] if len(addresses) == 1 else list(addresses)
 
 
 def to_network(value, errors, path):
-    """Read an IPv4 network in CIDR form, host bits clear; None when invalid."""
+    """Read an IPv4 or IPv6 network in CIDR form, host bits clear; None when invalid."""
+    example = "e.g. 192.0.2.0/24 or 2001:db8:2::/64"
     if not isinstance(value, str):
-        errors.add(path, value, "must be an IPv4 network in CIDR form, e.g. 192.0.2.0/24")
+        errors.add(path, value, f"must be a network in CIDR form, {example}")
         return None
     try:
-        return str(ipaddress.IPv4Network(value.strip(), strict=True))
+        return str(ipaddress.ip_network(value.strip(), strict=True))
     except ValueError as err:
         hint = str(err)
         if "host bits" in hint:
             errors.add(path, value, "has host bits set; give the network address")
         else:
-            errors.add(path, value, "is not a valid IPv4 network in CIDR form")
+            errors.add(path, value, f"is not a valid network in CIDR form, {example}")
         return None
 
 
@@ -222,6 +321,24 @@ def _unique(items, attribute, errors, path_of):
             )
         else:
             seen[value] = item.name
+
+
+def _unique_addresses(parsed, errors):
+    """A LAN address is one proxy's: the same address under two proxies is refused."""
+    seen = {}
+    for proxy in parsed:
+        for index, address in enumerate(proxy.addresses):
+            path = f"proxies:{proxy.name}:address"
+            if len(proxy.addresses) > 1:
+                path += f":{index}"
+            if address in seen:
+                errors.add(
+                    path,
+                    address,
+                    f"is also the address of proxy {seen[address]!r}; each proxy needs its own",
+                )
+            else:
+                seen[address] = proxy.name
 
 
 def _proxy_macs(body, errors, base):
@@ -325,7 +442,10 @@ def relay_spec(lan_networks, mark_mask, proxies, prefix=""):
         for key in ("address", "mark", "table", "priority"):
             if key not in body:
                 errors.add(f"{base}:{key}", None, "is required")
-        address = to_ipv4(body["address"], errors, f"{base}:address") if "address" in body else None
+        addresses = ()
+        if "address" in body:
+            addresses = to_addresses(body["address"], errors, f"{base}:address")
+            addresses = check_gateways(addresses, body["address"], errors, f"{base}:address")
         macs = _proxy_macs(body, errors, base)
         mark = table = priority = None
         if "mark" in body:
@@ -339,13 +459,14 @@ def relay_spec(lan_networks, mark_mask, proxies, prefix=""):
                 body["priority"], errors, f"{base}:priority", maximum=32767, what="a rule priority"
             )
             check_priority(priority, errors, f"{base}:priority", body["priority"])
-        parsed.append(Proxy(name, address, mark, table, priority, macs=macs))
+        parsed.append(Proxy(name, addresses, mark, table, priority, macs=macs))
 
     def path_of(item, attribute):
         return f"proxies:{item.name}:{attribute}"
 
-    for attribute in ("mark", "table", "priority", "address"):
+    for attribute in ("mark", "table", "priority"):
         _unique(parsed, attribute, errors, path_of)
+    _unique_addresses(parsed, errors)
     _unique_macs(parsed, items, errors)
     errors.raise_if_any()
     return RelaySpec(tuple(nets), mask, tuple(sorted(parsed, key=lambda p: p.priority)))
@@ -356,12 +477,20 @@ def lowest_mark(mask):
     return mask & -mask
 
 
-def proxy_spec(divert_mark=None, divert_table=100, divert_priority=100, mark_mask=0xFF, prefix=""):
+def proxy_spec(
+    divert_mark=None,
+    divert_table=100,
+    divert_priority=100,
+    mark_mask=0xFF,
+    prefix="",
+    families=(4,),
+):
     """
     Validate a proxy box's TPROXY inputs and return a :class:`ProxySpec`.
 
     ``divert_mark`` defaults to the lowest bit of ``mark_mask`` (1 for 0xff,
-    0x10 for 0xf0), so the default is valid for every valid mask.
+    0x10 for 0xf0), so the default is valid for every valid mask. ``families``:
+    the address families (4, 6) of the proxy's VIPs; the divert is made in each.
     """
     errors = _Errors(prefix)
     mask = to_mask(mark_mask, errors, "mark_mask")
@@ -376,8 +505,11 @@ def proxy_spec(divert_mark=None, divert_table=100, divert_priority=100, mark_mas
         divert_priority, errors, "divert_priority", maximum=32767, what="a rule priority"
     )
     check_priority(priority, errors, "divert_priority", divert_priority)
+    versions = tuple(sorted(set(families or ())))
+    if not versions or any(v not in family.BY_VERSION for v in versions):
+        errors.add("families", families, "must list address families 4 and/or 6")
     errors.raise_if_any()
-    return ProxySpec(mark, table, priority, mask)
+    return ProxySpec(mark, table, priority, mask, versions)
 
 
 @dataclass(frozen=True)
@@ -396,7 +528,9 @@ def policy_route_spec(table, gateway, fwmark, fwmask=U32, priority=None, prefix=
     errors = _Errors(prefix)
     number = to_int(table, errors, "table", what="a routing table id")
     check_table(number, errors, "table", table)
-    address = to_ipv4(gateway, errors, "gateway")
+    address = to_address(gateway, errors, "gateway")
+    if address is not None and gateway_problem(address):
+        errors.add("gateway", gateway, gateway_problem(address))
     mask = to_mask(fwmask, errors, "fwmask")
     mark = to_int(fwmark, errors, "fwmark", what="an integer mark")
     check_mark(mark, mask, errors, "fwmark", fwmark)

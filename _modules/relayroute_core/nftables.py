@@ -220,6 +220,16 @@ def _copy_bits(kind, source, mask, values, helpers):
     return rules
 
 
+# ICMPv6 neighbour discovery (RFC 4861): never a client's connection, never marked.
+ND_TYPES = (
+    "nd-router-solicit",
+    "nd-router-advert",
+    "nd-neighbor-solicit",
+    "nd-neighbor-advert",
+    "nd-redirect",
+)
+
+
 def _source(net):
     """``ip saddr`` / ``ip6 saddr`` by the network's own family."""
     network = ipaddress.ip_network(net, strict=False)
@@ -246,6 +256,9 @@ def render_rule(rule, values, helpers):
     if kind == "return_if_marked":
         (mask,) = args
         return [[_match(_and(META_MARK, mask), 0, "!="), {"return": None}]]
+    if kind == "return_if_neighbour_discovery":
+        left = {"payload": {"protocol": "icmpv6", "field": "type"}}
+        return [[_match(left, {"set": list(ND_TYPES)}), {"return": None}]]
     if kind == "return_if_source":
         (net,) = args
         return [[_match(*_source(net)), {"return": None}]]

@@ -10,10 +10,13 @@ later) renders in its own syntax.
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-DEFAULT_DST = "0.0.0.0/0"
+from . import family as families
+from .family import IPV4, IPV6
+
+DEFAULT_DST = IPV4.any
 # The outside address the data-path lookups ask the kernel about: TEST-NET-3
 # (RFC 5737), on no real network, so only default routes can answer for it.
-LOOKUP_DST = "203.0.113.254"
+LOOKUP_DST = IPV4.lookup_dst
 MAIN_TABLE = 254
 
 
@@ -39,16 +42,24 @@ OWNERS = {owner.role: owner for owner in (RELAY, PROXY, POLICY)}
 
 @dataclass(frozen=True)
 class Route:
-    """A route in a policy table: unicast default via a gateway, or local on lo."""
+    """
+    A route in a policy table: unicast default via a gateway, or local on lo.
+    ``family`` is 4 or 6; ``dst`` defaults to the family's default destination.
+    """
 
     table: int
     proto: int
-    dst: str = DEFAULT_DST
+    dst: Optional[str] = None
     gateway: Optional[str] = None
     kind: str = "unicast"
     dev: Optional[str] = None
     # Where the route comes from in the inputs, for error messages; not compared.
     origin: str = field(default="", compare=False)
+    family: int = 4
+
+    def __post_init__(self):
+        if self.dst is None:
+            object.__setattr__(self, "dst", families.BY_VERSION[self.family].any)
 
     @property
     def key(self):
@@ -60,7 +71,8 @@ class Route:
         return (self.table, self.proto, self.dst, self.gateway, self.kind, self.dev)
 
     def line(self):
-        dst = "default" if self.dst == DEFAULT_DST and self.kind == "unicast" else self.dst
+        default = self.dst in families.DEFAULT_DSTS and self.kind == "unicast"
+        dst = "default" if default else self.dst
         words = [] if self.kind == "unicast" else [self.kind]
         words.append(dst)
         if self.gateway:
@@ -73,7 +85,10 @@ class Route:
 
 @dataclass(frozen=True)
 class Rule:
-    """``ip rule priority P fwmark MARK/MASK lookup TABLE proto PROTO``."""
+    """
+    ``ip [-6] rule priority P fwmark MARK/MASK lookup TABLE proto PROTO``: one
+    per family (the kernel keeps IPv4 and IPv6 rules apart).
+    """
 
     priority: int
     fwmark: int
@@ -81,15 +96,18 @@ class Rule:
     table: int
     proto: int
     origin: str = field(default="", compare=False)
+    family: int = 4
 
     @property
     def ident(self):
         """Everything that makes two rules the same (plain data: safe across module reloads)."""
-        return (self.priority, self.fwmark, self.fwmask, self.table, self.proto)
+        return (self.family, self.priority, self.fwmark, self.fwmask, self.table, self.proto)
 
     def line(self):
+        # 'ip -6 rule' prints what 'ip rule' does: the family is said once, up front.
+        flag = "" if self.family == 4 else "ipv6 "
         return (
-            f"{self.priority}: from all fwmark {self.fwmark:#x}/{self.fwmask:#x} "
+            f"{flag}{self.priority}: from all fwmark {self.fwmark:#x}/{self.fwmask:#x} "
             f"lookup {self.table} proto {self.proto}"
         )
 
@@ -134,6 +152,7 @@ class Lookup:
     if_main_default: bool = False
     priority: Optional[int] = None  # the planned rule that should answer it
     origin: str = field(default="", compare=False)
+    family: int = 4
 
     def line(self, src=None):
         words = ["ip route get", self.dst]
@@ -157,6 +176,10 @@ class Plan:
     sysctls: Tuple[Sysctl, ...] = ()
     # Data-path proofs made after every apply (the relay role's; others have none).
     lookups: Tuple[Lookup, ...] = ()
+    # The address families the chains must see packets of: a backend with a
+    # tool per family (iptables/ip6tables) renders the chains in each of these
+    # only; one that holds both families in one table (nftables' inet) ignores it.
+    families: Tuple[int, ...] = (4,)
 
     def lines(self):
         """Routes and rules as an operator reads them (the filter side is backend-specific)."""
@@ -189,14 +212,17 @@ def relay_plan(spec, owner=RELAY, mark_aware_interfaces=()):
     missing = [proxy.name for proxy in spec.proxies if not proxy.macs]
     if missing:
         raise ValueError(f"proxies without a MAC cannot be planned: {missing}")
+    # One table and one rule per proxy and per family it has a LAN address in.
     routes = tuple(
         Route(
             table=proxy.table,
             proto=owner.proto,
-            gateway=proxy.address,
+            gateway=address,
             origin=f"proxies:{proxy.name}:table",
+            family=fam.version,
         )
         for proxy in spec.proxies
+        for fam, address in proxy.gateways()
     )
     rules = tuple(
         Rule(
@@ -206,11 +232,17 @@ def relay_plan(spec, owner=RELAY, mark_aware_interfaces=()):
             proxy.table,
             owner.proto,
             origin=f"proxies:{proxy.name}:priority",
+            family=fam.version,
         )
         for proxy in spec.proxies
+        for fam, _address in proxy.gateways()
     )
+    versions = plan_families(spec)
     pre = [("restore_mark", mask), ("return_if_marked", mask)]
     pre += [("return_if_source", net) for net in spec.lan_networks]
+    # Never mark what is no connection of a client's: neighbour discovery and
+    # link-local traffic (IPv6's own; a backend renders each in its family).
+    pre += [("return_if_source", IPV6.link_local), ("return_if_neighbour_discovery",)]
     # One rule per MAC, all with the proxy's one mark (an HA pair: both nodes' NICs).
     pre += [
         ("mark_from_mac", mac, proxy.mark, mask) for proxy in spec.proxies for mac in proxy.macs
@@ -220,11 +252,18 @@ def relay_plan(spec, owner=RELAY, mark_aware_interfaces=()):
         Chain("PRE", "prerouting", tuple(pre)),
         Chain("OUT", "output", (("restore_mark", mask),)),
     )
+    # rp_filter is IPv4's only (IPv6 has no sysctl for it: a firewall's rpfilter does that job).
     sysctls = tuple(
         Sysctl(f"net.ipv4.conf.{name}.src_valid_mark", "1", origin=f"interface {name}")
         for name in sorted(set(mark_aware_interfaces))
     )
-    return Plan(owner, routes, rules, chains, sysctls, relay_lookups(spec))
+    return Plan(owner, routes, rules, chains, sysctls, relay_lookups(spec), versions)
+
+
+def plan_families(spec):
+    """The families a relay's plan works in: those of its proxies' LAN addresses (IPv4 at least)."""
+    found = {fam.version for proxy in spec.proxies for fam, _address in proxy.gateways()}
+    return tuple(sorted(found | {4}))
 
 
 def relay_lookups(spec):
@@ -239,19 +278,30 @@ def relay_lookups(spec):
     lookups = [
         Lookup(
             proxy.name,
-            LOOKUP_DST,
+            fam.lookup_dst,
             proxy.mark,
             proxy.table,
-            gateway=proxy.address,
+            gateway=address,
             from_own=True,
             priority=proxy.priority,
             origin=f"proxies:{proxy.name}",
+            family=fam.version,
         )
         for proxy in spec.proxies
+        for fam, address in proxy.gateways()
     ]
-    lookups.append(
-        Lookup("unmarked", LOOKUP_DST, 0, MAIN_TABLE, if_main_default=True, origin="unmarked")
-    )
+    lookups += [
+        Lookup(
+            "unmarked",
+            families.BY_VERSION[version].lookup_dst,
+            0,
+            MAIN_TABLE,
+            if_main_default=True,
+            origin="unmarked",
+            family=version,
+        )
+        for version in plan_families(spec)
+    ]
     return tuple(lookups)
 
 
@@ -319,23 +369,27 @@ def proxy_plan(spec, owner=PROXY):
     """
     The transparent proxy's divert routing, the kernel's TPROXY recipe: packets
     that belong to a local transparent socket get the divert mark and are routed
-    to the local stack through ``local 0.0.0.0/0 dev lo`` in the divert table.
+    to the local stack through ``local 0.0.0.0/0 dev lo`` (``local ::/0`` for
+    IPv6) in the divert table, in each family of the proxy's VIPs.
 
     ``-m socket --transparent`` narrows the match to sockets with IP_TRANSPARENT
     (HAProxy's ``usesrc clientip`` connections and transparent listeners), so the
     proxy's ordinary local traffic (ssh, health checks, Salt) is never marked.
     """
     mask = spec.mark_mask
-    routes = (
+    versions = tuple(spec.families)
+    routes = tuple(
         Route(
             table=spec.divert_table,
             proto=owner.proto,
             kind="local",
             dev="lo",
             origin="divert_table",
-        ),
+            family=version,
+        )
+        for version in versions
     )
-    rules = (
+    rules = tuple(
         Rule(
             spec.divert_priority,
             spec.divert_mark,
@@ -343,25 +397,45 @@ def proxy_plan(spec, owner=PROXY):
             spec.divert_table,
             owner.proto,
             origin="divert_priority",
-        ),
+            family=version,
+        )
+        for version in versions
     )
     chains = (
         Chain("PRE", "prerouting", (("jump_transparent_socket", "DIVERT"),)),
         Chain("DIVERT", None, (("set_mark", spec.divert_mark, mask), ("accept",))),
     )
-    return Plan(owner, routes, rules, chains)
+    return Plan(owner, routes, rules, chains, families=versions)
 
 
 def policy_route_plan(spec, owner=POLICY):
     """One policy route on its own: a table's default route and the fwmark rule to it."""
-    route = Route(table=spec.table, proto=owner.proto, gateway=spec.gateway, origin="table")
-    rule = Rule(spec.priority, spec.fwmark, spec.fwmask, spec.table, owner.proto, origin="priority")
-    return Plan(owner, (route,), (rule,), ())
+    version = families.of(spec.gateway).version
+    route = Route(
+        table=spec.table,
+        proto=owner.proto,
+        gateway=spec.gateway,
+        origin="table",
+        family=version,
+    )
+    rule = Rule(
+        spec.priority,
+        spec.fwmark,
+        spec.fwmask,
+        spec.table,
+        owner.proto,
+        origin="priority",
+        family=version,
+    )
+    return Plan(owner, (route,), (rule,), (), families=(version,))
 
 
 def plan_scope(plan):
-    """The keys a single policy route's plan covers: ``(route keys, rule priorities)``."""
-    return ({route.key for route in plan.routes}, {rule.priority for rule in plan.rules})
+    """The keys a single policy route's plan covers: ``(route keys, (family, rule priority))``."""
+    return (
+        {route.key for route in plan.routes},
+        {(rule.family, rule.priority) for rule in plan.rules},
+    )
 
 
 def empty_plan(owner):

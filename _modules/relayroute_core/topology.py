@@ -154,8 +154,8 @@ def _absolute_path(value, errors, path, optional=False):
 
 
 def _not_unicast(address):
-    """Why ``address`` (a valid IPv4 address) is no host's unicast address, or None."""
-    ip = ipaddress.IPv4Address(address)
+    """Why ``address`` (a valid IPv4 or IPv6 address) is no host's unicast address, or None."""
+    ip = ipaddress.ip_address(address)
     if ip.is_unspecified:
         return "the unspecified address"
     if ip.is_loopback:
@@ -164,21 +164,45 @@ def _not_unicast(address):
         return "a multicast address"
     if ip == ipaddress.IPv4Address("255.255.255.255"):
         return "the limited broadcast address"
-    if ip.is_reserved:
+    if ip.version == 4 and ip.is_reserved:
         return "a reserved (240.0.0.0/4) address"
+    if ip.version == 6 and ip.is_link_local:
+        return "a link-local address (valid on one link only)"
     return None
 
 
-def _host_address(value, errors, path):
-    """A host's unicast IPv4 address, normalised; None when invalid (error added)."""
-    address = model.to_ipv4(value, errors, path)
-    if address is None:
-        return None
-    why = _not_unicast(address)
-    if why:
-        errors.add(path, value, f"is {why}, not a host's unicast address")
-        return None
-    return address
+def _where(path, raw, address):
+    """The key path and raw value of ``address`` within a one-or-list pillar value."""
+    if not isinstance(raw, (list, tuple)):
+        return path, raw
+    for index, item in enumerate(raw):
+        if _quiet(model.to_address, item) == address:
+            return f"{path}:{index}", item
+    return path, raw
+
+
+def _host_addresses(value, errors, path, gateway=False):
+    """
+    A host's unicast addresses, one or one per family (IPv4 first), normalised;
+    () when invalid (errors added). With ``gateway``, also refused: what cannot
+    be a next hop (an IPv6 link-local address, an IPv4-mapped one).
+    """
+    addresses = model.to_addresses(value, errors, path)
+    if gateway:
+        addresses = model.check_gateways(addresses, value, errors, path)
+    kept = []
+    for address in addresses:
+        why = _not_unicast(address)
+        if why:
+            where, raw = _where(path, value, address)
+            errors.add(where, raw, f"is {why}, not a host's unicast address")
+        else:
+            kept.append(address)
+    return tuple(kept) if len(kept) == len(addresses) else ()
+
+
+def _version(address):
+    return ipaddress.ip_address(address).version
 
 
 def _quiet(check, value):
@@ -187,15 +211,28 @@ def _quiet(check, value):
 
 
 def _on_lan(address, lan, errors, path, raw, outside):
-    """``address`` lies on one of the ``lan`` networks and is neither its network nor broadcast."""
-    ip = ipaddress.IPv4Address(address)
-    nets = [net for net in lan if ip in net]
-    if not nets:
+    """
+    ``address`` lies on one of the ``lan`` networks of its family and is
+    neither the network's own address (IPv6: the subnet-router anycast
+    address) nor its broadcast address.
+    """
+    ip = ipaddress.ip_address(address)
+    same = [net for net in lan if net.version == ip.version]
+    nets = [net for net in same if ip in net]
+    if not same:
+        errors.add(
+            path,
+            raw,
+            f"is an IPv{ip.version} address, and lan_networks has no IPv{ip.version} network",
+        )
+    elif not nets:
         errors.add(path, raw, outside)
+    full = 30 if ip.version == 4 else 126
     for net in nets:
-        if net.prefixlen <= 30 and ip == net.network_address:
-            errors.add(path, raw, f"is the network address of {net}")
-        elif net.prefixlen <= 30 and ip == net.broadcast_address:
+        if net.prefixlen <= full and ip == net.network_address:
+            what = "network address" if ip.version == 4 else "subnet-router anycast address"
+            errors.add(path, raw, f"is the {what} of {net}")
+        elif ip.version == 4 and net.prefixlen <= full and ip == net.broadcast_address:
             errors.add(path, raw, f"is the broadcast address of {net}")
 
 
@@ -352,10 +389,11 @@ def topology(config, minion_id=None):
         for net in lan_networks:
             norm = _quiet(model.to_network, net)
             if norm is not None and not norm.endswith("/0"):
-                lan.append(ipaddress.IPv4Network(norm))
+                lan.append(ipaddress.ip_network(norm))
 
     # Relays: one address each, on the LAN; their ports among the proxied ones.
     relay_addresses = {}  # normalised address: relay name
+    relay_families = {}  # relay name: the families (4, 6) it has an address in
     relay_ports = {}
     for name, entry in relays.items():
         if name in proxies:
@@ -373,16 +411,17 @@ def topology(config, minion_id=None):
         if "address" not in entry:
             errors.add(f"relays:{name}:address", None, "is required")
             continue
-        where, raw = f"relays:{name}:address", entry["address"]
-        address = _host_address(raw, errors, where)
-        if address is None:
-            continue
-        if address in relay_addresses:
-            errors.add(where, raw, f"is also relay {relay_addresses[address]!r}'s")
-        else:
-            relay_addresses[address] = name
-        if lan:
-            _on_lan(address, lan, errors, where, raw, "is not in any of lan_networks")
+        path, value = f"relays:{name}:address", entry["address"]
+        addresses = _host_addresses(value, errors, path)
+        relay_families[name] = {_version(address) for address in addresses}
+        for address in addresses:
+            where, raw = _where(path, value, address)
+            if address in relay_addresses:
+                errors.add(where, raw, f"is also relay {relay_addresses[address]!r}'s")
+            else:
+                relay_addresses[address] = name
+            if lan:
+                _on_lan(address, lan, errors, where, raw, "is not in any of lan_networks")
     if ports and relays and all(isinstance(entry, dict) for entry in relays.values()):
         served = {port for name in relays for port in relay_ports.get(name, ports)}
         for index, port in enumerate(raw_ports):
@@ -407,37 +446,42 @@ def topology(config, minion_id=None):
         if "vip" not in entry:
             errors.add(f"proxies:{name}:vip", None, "is required: where clients connect")
         else:
-            vip = vips[name] = _host_address(entry["vip"], errors, f"proxies:{name}:vip")
-            if vip in relay_addresses:
-                errors.add(
-                    f"proxies:{name}:vip",
-                    entry["vip"],
-                    f"is relay {relay_addresses[vip]!r}'s address, not one of the proxy's",
-                )
+            path = f"proxies:{name}:vip"
+            vips[name] = _host_addresses(entry["vip"], errors, path)
+            for vip in vips[name]:
+                if vip in relay_addresses:
+                    where, raw = _where(path, entry["vip"], vip)
+                    errors.add(
+                        where,
+                        raw,
+                        f"is relay {relay_addresses[vip]!r}'s address, not one of the proxy's",
+                    )
         _nodes(entry, name, proxies, relays, node_of, errors)
         body = {k: v for k, v in entry.items() if k in model.PROXY_KEYS}
         if "priority" not in body and base is not None:
             body["priority"] = base + rank
         relay_proxies[str(name)] = body
-        # The LAN address; relay_spec reports it when it is no address at all.
-        address = _quiet(model.to_ipv4, entry.get("address"))
-        if address is None:
-            continue
-        where, raw = f"proxies:{name}:address", entry["address"]
-        if address in relay_addresses:
-            errors.add(where, raw, f"is relay {relay_addresses[address]!r}'s address")
-        why = _not_unicast(address)
-        if why:
-            errors.add(where, raw, f"is {why}, not a host's unicast address")
-        elif lan:
-            _on_lan(
-                address,
-                lan,
-                errors,
-                where,
-                raw,
-                "is not in any of lan_networks: a proxy must be a neighbour of the relays",
-            )
+        # The LAN addresses; relay_spec reports what is no address at all.
+        addresses = _quiet(model.to_addresses, entry.get("address"))
+        for address in addresses:
+            where, raw = _where(f"proxies:{name}:address", entry["address"], address)
+            if model.gateway_problem(address):
+                continue  # relay_spec names it
+            if address in relay_addresses:
+                errors.add(where, raw, f"is relay {relay_addresses[address]!r}'s address")
+            why = _not_unicast(address)
+            if why:
+                errors.add(where, raw, f"is {why}, not a host's unicast address")
+            elif lan:
+                _on_lan(
+                    address,
+                    lan,
+                    errors,
+                    where,
+                    raw,
+                    "is not in any of lan_networks: a proxy must be a neighbour of the relays",
+                )
+        _vip_families(name, entry, vips.get(name, ()), addresses, relays, relay_families, errors)
 
     spec = None
     try:
@@ -510,7 +554,7 @@ def topology(config, minion_id=None):
             p.name: {
                 k: v
                 for k, v in (
-                    ("address", p.address),
+                    ("address", model.plain(p.addresses)),
                     ("mac", p.mac),
                     # An HA pair's MACs, mac first; one MAC stays plain 'mac'.
                     ("macs", list(p.macs) if len(p.macs) > 1 else None),
@@ -525,11 +569,13 @@ def topology(config, minion_id=None):
     }
     entry_name = minion_id if minion_id in proxies else node_of.get(minion_id)
     if entry_name is not None:
-        address = next(p.address for p in spec.proxies if p.name == str(entry_name))
+        addresses = next(p.addresses for p in spec.proxies if p.name == str(entry_name))
         proxy_args = {
             "name": minion_id,
-            "address": address,
-            "vip": vips[entry_name],
+            "address": model.plain(addresses),
+            "vip": model.plain(vips[entry_name]),
+            # The divert is made in each family clients connect in.
+            "families": sorted({_version(vip) for vip in vips[entry_name]}),
             "ports": ports,
             "divert_mark": proxy_spec.divert_mark,
             "divert_table": proxy_spec.divert_table,
@@ -539,7 +585,7 @@ def topology(config, minion_id=None):
             "relays": [
                 {
                     "name": str(name),
-                    "address": _quiet(model.to_ipv4, relays[name]["address"]),
+                    "address": model.plain(_quiet(model.to_addresses, relays[name]["address"])),
                     "ports": relay_ports.get(name, ports),
                 }
                 for name in sorted(relays, key=str)
@@ -551,6 +597,34 @@ def topology(config, minion_id=None):
         "proxy": proxy_args,
         "unlisted_relay": None if entry_name is not None else unlisted_relay(minion_id, relays),
     }
+
+
+def _vip_families(name, entry, vips, addresses, relays, relay_families, errors):
+    """
+    A VIP of a family needs the proxy's LAN address and relays' addresses of
+    that family: HAProxy connects to a relay from the client's own address
+    (``usesrc clientip``), so an IPv6 client can only be sent to an IPv6 relay.
+    """
+    own = {_version(address) for address in addresses}
+    served = set().union(*relay_families.values()) if relay_families else set()
+    for vip in vips:
+        version = _version(vip)
+        where, raw = _where(f"proxies:{name}:vip", entry["vip"], vip)
+        if addresses and version not in own:
+            errors.add(
+                where,
+                raw,
+                f"is an IPv{version} VIP, but proxy {name!r} has no IPv{version} address "
+                f"(proxies:{name}:address): it reaches the relays over IPv{version}, "
+                "from the client's own address",
+            )
+        if relay_families and version not in served:
+            errors.add(
+                where,
+                raw,
+                f"is an IPv{version} VIP, but no relay has an IPv{version} address "
+                f"(relays:*:address): HAProxy's IPv{version} backends would have no server",
+            )
 
 
 def _nodes(entry, name, proxies, relays, node_of, errors):

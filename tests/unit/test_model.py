@@ -54,7 +54,7 @@ def test_proxies_sorted_by_priority():
     [
         ({"lan_networks": []}, "lan_networks: must be a non-empty list"),
         ({"lan_networks": ["192.0.2.1/24"]}, "lan_networks:0: has host bits set"),
-        ({"lan_networks": ["192.0.2.0/33"]}, "lan_networks:0: is not a valid IPv4 network"),
+        ({"lan_networks": ["192.0.2.0/33"]}, "lan_networks:0: is not a valid network"),
         ({"lan_networks": "192.0.2.0/24"}, "lan_networks: must be a non-empty list"),
         ({"mark_mask": 0}, "mark_mask: must be between 1"),
         ({"mark_mask": "ff"}, "mark_mask: must be a 32-bit mask"),
@@ -70,7 +70,7 @@ def test_proxies_sorted_by_priority():
         ({"proxies": {"m": {**GOOD_PROXY, "table": 255}}}, "reserved 'local' table"),
         ({"proxies": {"m": {**GOOD_PROXY, "priority": 32766}}}, "'lookup main' rule"),
         ({"proxies": {"m": {**GOOD_PROXY, "priority": 0}}}, "'lookup local' rule"),
-        ({"proxies": {"m": {**GOOD_PROXY, "address": "192.0.2.300"}}}, "not a valid IPv4"),
+        ({"proxies": {"m": {**GOOD_PROXY, "address": "192.0.2.300"}}}, "not a valid IPv4 or IPv6"),
         ({"proxies": {"m": {**GOOD_PROXY, "mac": "02:00:c0:00:02"}}}, "is not a MAC address"),
         ({"proxies": {"m": {**GOOD_PROXY, "mac": "01:00:5e:00:00:01"}}}, "multicast MAC"),
         ({"proxies": {"m": {**GOOD_PROXY, "colour": "red"}}}, "proxies:m:colour: is not a known"),
