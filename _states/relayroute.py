@@ -135,12 +135,14 @@ def proxy_present(
     prefix="",
     persist_dir=None,
     persist=None,
+    families=(4,),
 ):
     """
     Keep the transparent proxy's divert routing: ``-m socket --transparent``
     packets get ``divert_mark``, which routes them to the local stack through
-    ``local 0.0.0.0/0 dev lo table divert_table``. ``divert_mark`` defaults
-    to the lowest bit of ``mark_mask``.
+    ``local 0.0.0.0/0 dev lo table divert_table`` (and ``local ::/0`` for
+    IPv6). ``divert_mark`` defaults to the lowest bit of ``mark_mask``.
+    ``families``: the address families of the proxy's VIPs (``[4, 6]``).
     """
     return _run(
         name,
@@ -154,6 +156,7 @@ def proxy_present(
         prefix=prefix,
         persist_dir=persist_dir,
         persist=persist,
+        families=families,
     )
 
 

@@ -95,9 +95,11 @@ def _relay_spec(lan_networks, mark_mask, proxies, prefix):
         raise _fail(err) from err
 
 
-def _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix):
+def _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix, families=(4,)):
     try:
-        return model.proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix)
+        return model.proxy_spec(
+            divert_mark, divert_table, divert_priority, mark_mask, prefix, families
+        )
     except ValueError as err:
         raise _fail(err) from err
 
@@ -353,6 +355,7 @@ def proxy_apply(
     prefix="",
     persist_dir=None,
     persist=None,
+    families=(4,),
 ):
     """
     Put the transparent proxy's divert routing in place: packets of local
@@ -361,15 +364,17 @@ def proxy_apply(
     ``local 0.0.0.0/0 dev lo`` in that table. ``persist_dir``/``persist`` as
     for :func:`relay_apply` (with ``network-scripts``: ``route-lo``/``rule-lo``).
     ``divert_mark`` defaults to the lowest bit of ``mark_mask`` (1 for 0xff,
-    0x10 for 0xf0).
+    0x10 for 0xf0). ``families``: the address families of the proxy's VIPs
+    (``[4, 6]`` for a dual-stack proxy: ``local ::/0 dev lo`` and the IPv6 rule too).
 
     CLI Example:
 
     .. code-block:: bash
 
         salt master-relay relayroute.proxy_apply divert_mark=1 divert_table=100
+        salt master-relay relayroute.proxy_apply families='[4, 6]'
     """
-    spec = _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix)
+    spec = _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix, families)
     filter_backend = _backend(backend)
     target = _persist_target(persist, persist_dir, prefix)
     return _converge(planner.proxy_plan(spec), filter_backend, test, prefix, target=target)

@@ -23,6 +23,7 @@ relayroute-proxy-tproxy-divert:
     - divert_table: {{ proxy.divert_table }}
     - divert_priority: {{ proxy.divert_priority }}
     - mark_mask: {{ proxy.mark_mask }}
+    - families: {{ proxy.families | json }}
     - backend: {{ relayroute.config.backend }}
     - prefix: relayroute:proxy
 {%-   if persist.enabled %}
