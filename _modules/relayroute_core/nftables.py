@@ -359,6 +359,10 @@ def _value(expr, hexa):
             return f"{_value(left, True)} {key} {_value(right, True)}"
         if key == "prefix":
             return f"{body['addr']}/{body['len']}"
+        if key == "set" and isinstance(body, list):
+            # An anonymous set (``icmpv6 type { nd-router-solicit, ... }``); the
+            # canonical form keeps its elements sorted, and so prints them.
+            return "{ " + ", ".join(_value(item, hexa) for item in body) + " }"
     raise Unprintable(f"nftables backend does not print {json.dumps(expr)}")
 
 

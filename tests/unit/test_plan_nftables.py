@@ -40,17 +40,24 @@ KERNEL_RELAY = """\
 [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right":
 {"prefix": {"addr": "192.0.2.0", "len": 24}}}}, {"return": null}]}}, {"rule": {"family":
 "inet", "table": "relayroute_relay", "chain": "PRE", "handle": 13, "expr": [{"match": {"op":
-"==", "left": {"payload": {"protocol": "ether", "field": "saddr"}}, "right":
-"02:00:c0:00:02:02"}}, {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [{"&":
-[{"meta": {"key": "mark"}}, 4294967294]}, 254]}}}]}}, {"rule": {"family": "inet", "table":
-"relayroute_relay", "chain": "PRE", "handle": 14, "expr": [{"mangle": {"key": {"ct": {"key":
-"mark"}}, "value": {"&": [{"ct": {"key": "mark"}}, 4294967040]}}}]}}, {"rule": {"family":
-"inet", "table": "relayroute_relay", "chain": "PRE", "handle": 16, "expr": [{"vmap": {"key":
-{"&": [{"meta": {"key": "mark"}}, 255]}, "data": {"set": [[254, {"jump": {"target":
+"==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": {"prefix":
+{"addr": "fe80::", "len": 10}}}}, {"return": null}]}}, {"rule": {"family": "inet", "table":
+"relayroute_relay", "chain": "PRE", "handle": 15, "expr": [{"match": {"op": "==", "left":
+{"payload": {"protocol": "icmpv6", "field": "type"}}, "right": {"set": ["nd-router-solicit",
+"nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "nd-redirect"]}}},
+{"return": null}]}}, {"rule": {"family": "inet", "table": "relayroute_relay", "chain":
+"PRE", "handle": 16, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol":
+"ether", "field": "saddr"}}, "right": "02:00:c0:00:02:02"}}, {"mangle": {"key": {"meta":
+{"key": "mark"}}, "value": {"|": [{"&": [{"meta": {"key": "mark"}}, 4294967294]},
+254]}}}]}}, {"rule": {"family": "inet", "table": "relayroute_relay", "chain": "PRE",
+"handle": 17, "expr": [{"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"&": [{"ct":
+{"key": "mark"}}, 4294967040]}}}]}}, {"rule": {"family": "inet", "table":
+"relayroute_relay", "chain": "PRE", "handle": 19, "expr": [{"vmap": {"key": {"&": [{"meta":
+{"key": "mark"}}, 255]}, "data": {"set": [[254, {"jump": {"target":
 "ctmark-0xfe-0xff"}}]]}}}]}}, {"rule": {"family": "inet", "table": "relayroute_relay",
-"chain": "ctmark-0xfe-0xff", "handle": 17, "expr": [{"mangle": {"key": {"ct": {"key":
+"chain": "ctmark-0xfe-0xff", "handle": 20, "expr": [{"mangle": {"key": {"ct": {"key":
 "mark"}}, "value": {"|": [{"&": [{"ct": {"key": "mark"}}, 4294967294]}, 254]}}}]}}, {"rule":
-{"family": "inet", "table": "relayroute_relay", "chain": "mark-0xfe-0xff", "handle": 18,
+{"family": "inet", "table": "relayroute_relay", "chain": "mark-0xfe-0xff", "handle": 21,
 "expr": [{"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [{"&": [{"meta":
 {"key": "mark"}}, 4294967294]}, 254]}}}]}}]}
 """
@@ -108,6 +115,8 @@ def kernel_ruleset(relay=KERNEL_RELAY, proxy=None):
 
 
 T = "inet relayroute_relay"
+# Neighbour discovery, as the canonical form sorts the set (nft prints it in its own order).
+ND = "nd-neighbor-advert, nd-neighbor-solicit, nd-redirect, nd-router-advert, nd-router-solicit"
 SEED_LINES = [
     f"add table {T}",
     f"add chain {T} OUT {{ type route hook output priority mangle - 1; policy accept; }}",
@@ -120,6 +129,8 @@ SEED_LINES = [
     f"add rule {T} PRE ct mark & 0xff vmap {{ 0xfe : jump mark-0xfe-0xff }}",
     f"add rule {T} PRE meta mark & 0xff != 0x0 return",
     f"add rule {T} PRE ip saddr 192.0.2.0/24 return",
+    f"add rule {T} PRE ip6 saddr fe80::/10 return",
+    f"add rule {T} PRE icmpv6 type {{ {ND} }} return",
     f"add rule {T} PRE ether saddr {MAC} meta mark set meta mark & 0xfffffffe | 0xfe",
     f"add rule {T} PRE ct mark set ct mark & 0xffffff00",
     f"add rule {T} PRE meta mark & 0xff vmap {{ 0xfe : jump ctmark-0xfe-0xff }}",
@@ -372,3 +383,28 @@ def test_verdict_map_elements_compare_in_any_order():
         ]
     assert any("0xfe : jump" in line for line in nftables.desired_lines(plan))
     assert nftables.parse(document) == want
+
+
+def test_neighbour_discovery_is_an_anonymous_set_that_compares_in_any_order():
+    """
+    ``icmpv6 type { nd-... } return``: nft lists the set in its own order, the
+    canonical form sorts it, so what the kernel gives back equals the plan.
+    """
+    rules = nftables.render_rule(("return_if_neighbour_discovery",), set(), {})
+    assert nftables.rule_text(nftables._rule(rules[0])) == f"icmpv6 type {{ {ND} }} return"
+    kernel_order = [
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "icmpv6", "field": "type"}},
+                "right": {"set": list(nftables.ND_TYPES)},
+            }
+        },
+        {"return": None},
+    ]
+    assert nftables._rule(kernel_order) == nftables._rule(rules[0])
+    # Link-local sources return too; both come before the MACs are marked.
+    pre = [line for line in SEED_LINES if " PRE " in line]
+    marking = next(i for i, line in enumerate(pre) if "ether saddr" in line)
+    assert pre.index(f"add rule {T} PRE ip6 saddr fe80::/10 return") < marking
+    assert pre.index(f"add rule {T} PRE icmpv6 type {{ {ND} }} return") < marking
