@@ -15,13 +15,17 @@ import time
 from dataclasses import dataclass
 from typing import List, Tuple
 
-from . import sysctl
+from . import lazy, sysctl
 from .planner import DEFAULT_DST, Route, Rule
 
+# pyroute2's package __init__ imports every subsystem of the library (0.1 s):
+# rtnetlink's modules alone, conntrack's on its first use (lazy.py).
+lazy.deferred_package("pyroute2")
 try:
-    from pyroute2 import Conntrack, IPRoute
+    from pyroute2.iproute.linux import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
+    Conntrack = lazy.attribute("pyroute2.conntrack", "Conntrack")
     HAS_PYROUTE2 = True
 except ImportError:  # pragma: no cover - reported by __virtual__
     HAS_PYROUTE2 = False
