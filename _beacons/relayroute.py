@@ -94,8 +94,13 @@ def beacon(config):
     state["error"] = None
     if not proxies:
         return []
+    # Every MAC a proxy's neighbour entries carry: one per family it has an
+    # address in (the same NIC answers both, normally).
     seen = frozenset(
-        (name, proxy["neighbour"]) for name, proxy in proxies.items() if proxy["neighbour"]
+        (name, mac)
+        for name, proxy in proxies.items()
+        for mac in proxy.get("neighbours") or [proxy.get("neighbour")]
+        if mac
     )
 
     def unmarked(marked):

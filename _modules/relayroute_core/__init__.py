@@ -48,6 +48,7 @@ if __name__ not in sys.modules:
     sys.modules[__name__] = _placeholder
 
 from . import engine, follow, model, netlink, planner, topology  # noqa: E402
+from . import family as families  # noqa: E402
 from . import persist as persistence  # noqa: E402
 
 # The sub-module ``check`` by its full name: the package's attribute ``check``
@@ -106,51 +107,68 @@ def _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix, f
 
 def _resolve_proxies(spec, kernel, prefix, resolve=True):
     """
-    Check each proxy is a neighbour on a connected network, then fill in MACs
-    not given, from the neighbour table (resolving them when needed). Returns
-    the spec with MACs and the interfaces proxies are reached on that are not
-    the main default route's (reverse-path filtering must see marks there).
+    Check each proxy address is a neighbour on a connected network of its
+    family, then fill in MACs not given, from the neighbour table of each
+    address's family (resolving them when needed: ARP, IPv6's neighbour
+    solicitation); a proxy with an address in each family gets the MACs
+    found for either, each once, IPv4's first. Returns the spec with MACs and
+    the interfaces proxies are reached on that are not the main default
+    route's of that family (reverse-path filtering must see marks there).
     """
-    import ipaddress  # pylint: disable=import-outside-toplevel
-
     errors = []
     proxies = []
     interfaces = set()
     base = f"{prefix}:proxies" if prefix else "proxies"
     for proxy in spec.proxies:
-        address = ipaddress.IPv4Address(proxy.address)
-        if proxy.address in kernel.addresses:
-            errors.append(
-                f"{base}:{proxy.name}:address: is an address of this host, not of a proxy "
-                f"(got {proxy.address!r})"
+        bad = False
+        for index, (fam, address) in enumerate(proxy.gateways()):
+            path = f"{base}:{proxy.name}:address" + (
+                f":{index}" if len(proxy.addresses) > 1 else ""
             )
-            continue
-        if not any(address in ipaddress.IPv4Network(net) for net in kernel.networks):
-            errors.append(
-                f"{base}:{proxy.name}:address: is not on a connected network of this host "
-                f"{sorted(set(kernel.networks))} (got {proxy.address!r})"
-            )
-            continue
-        for net, ifname in kernel.network_interfaces:
-            if address in ipaddress.IPv4Network(net) and ifname != kernel.default_interface:
-                interfaces.add(ifname)
-        mac = proxy.mac
-        if not mac:
-            mac = netlink.lookup_mac(proxy.address, resolve=resolve)
-            if not mac and resolve:
+            ip = fam.address(address)
+            if any(fam.address(own) == ip for own in kernel.addresses if _of(own) is fam):
                 errors.append(
-                    f"{base}:{proxy.name}:mac: not given, and {proxy.address} did not answer "
-                    "ARP; give the MAC or check the proxy is up (got None)"
+                    f"{path}: is an address of this host, not of a proxy (got {address!r})"
+                )
+                bad = True
+                continue
+            connected = sorted({net for net in kernel.networks if _of(net) is fam})
+            if not any(ip in fam.network(net) for net in connected):
+                errors.append(
+                    f"{path}: is not on a connected network of this host "
+                    f"({fam.name}: {connected}) (got {address!r})"
+                )
+                bad = True
+                continue
+            default = kernel.default_interface_of(fam.version) or kernel.default_interface
+            for net, ifname in kernel.network_interfaces:
+                if _of(net) is fam and ip in fam.network(net) and ifname != default:
+                    interfaces.add(ifname)
+        if bad:
+            continue
+        macs = proxy.macs
+        if not macs:
+            macs = netlink.lookup_macs(proxy.addresses, resolve=resolve)
+            if not macs and resolve:
+                errors.append(
+                    f"{base}:{proxy.name}:mac: not given, and "
+                    f"{' and '.join(proxy.addresses)} did not answer ARP or neighbour "
+                    "solicitation; give the MAC or check the proxy is up (got None)"
                 )
                 continue
-            if not mac:
-                mac = f"<mac of {proxy.address}>"
-        proxies.append(dataclasses.replace(proxy, mac=mac))
+            if not macs:
+                macs = (f"<mac of {proxy.address}>",)
+        proxies.append(dataclasses.replace(proxy, mac=macs[0], macs=tuple(macs)))
     if errors:
         raise SaltInvocationError("; ".join(errors))
     if not kernel.default_interface:
         interfaces = set()
     return dataclasses.replace(spec, proxies=tuple(proxies)), sorted(interfaces)
+
+
+def _of(text):
+    """The family of an address or network the kernel reported."""
+    return families.of(text)
 
 
 def _host_relay_plan(spec, kernel, prefix):
@@ -459,8 +477,11 @@ def show(role=None, backend="iptables"):
             raise SaltInvocationError(
                 f"role: must be one of {sorted(planner.OWNERS)} (got {name!r})"
             )
+        rules = sorted(
+            engine.owned_rules(current.kernel, owner), key=lambda r: (r.family, r.priority)
+        )
         shown[name] = {
-            "rules": [rule.line() for rule in engine.owned_rules(current.kernel, owner)],
+            "rules": [rule.line() for rule in rules],
             "routes": [route.line() for route in engine.owned_routes(current.kernel, owner)],
             filter_backend.NAME: filter_backend.owned_lines(current.ruleset, owner.chain_prefix),
         }
@@ -469,18 +490,20 @@ def show(role=None, backend="iptables"):
 
 def lookup_mac(address, resolve=True):
     """
-    The MAC address of a neighbour, from the kernel's neighbour table. With
-    ``resolve`` (default), an address not in the table is resolved first.
-    Returns None when it cannot be found.
+    The MAC address of a neighbour (an IPv4 or IPv6 address), from the
+    kernel's neighbour table of its family. With ``resolve`` (default), an
+    address not in the table is resolved first (ARP, or IPv6's neighbour
+    solicitation). Returns None when it cannot be found.
 
     CLI Example:
 
     .. code-block:: bash
 
         salt relay1 relayroute.lookup_mac 192.0.2.2
+        salt relay1 relayroute.lookup_mac 2001:db8:2::2
     """
     errors = model._Errors()
-    norm = model.to_ipv4(address, errors, "address")
+    norm = model.to_address(address, errors, "address")
     if norm is None:
         raise SaltInvocationError("; ".join(errors.items))
     try:
@@ -509,9 +532,11 @@ def _pillar_backend(role):
 def discovered_proxies():
     """
     The proxies of this minion's relay topology (pillar ``relayroute``) whose
-    MAC relayroute discovers (no ``mac``/``macs``), each with its address, its
-    mark and the MAC its neighbour entry carries now (``neighbour``, None when
-    it has none). One netlink dump, no process, no ARP: what the
+    MAC relayroute discovers (no ``mac``/``macs``), each with its address
+    (``addresses``: one per family), its mark and the MACs their neighbour
+    entries carry now (``neighbours``, each once, IPv4's first; ``neighbour``
+    the first, None when none has one). One netlink dump per family, no
+    process, no ARP or neighbour solicitation: what the
     ``relayroute`` beacon looks at every interval. Empty on a minion without
     the ``relay`` role (``roles`` grain); a pillar that does not validate
     raises with its errors.
@@ -531,10 +556,15 @@ def discovered_proxies():
         raise SaltInvocationError("; ".join(result["errors"]))
     proxies = follow.discovered(result["relay"])
     try:
-        macs = netlink.neighbour_macs([proxy["address"] for proxy in proxies.values()])
+        macs = netlink.neighbour_macs(
+            [address for proxy in proxies.values() for address in proxy["addresses"]]
+        )
     except RuntimeError as err:
         raise _fail(err) from err
-    return {name: {**proxy, "neighbour": macs[proxy["address"]]} for name, proxy in proxies.items()}
+    return {
+        name: {**proxy, **follow.neighbours(proxy["addresses"], macs)}
+        for name, proxy in proxies.items()
+    }
 
 
 def marked_macs(backend=None):

@@ -27,8 +27,8 @@ def verdict(plan, current, filter_backend, answers, neighbours, prefix=""):
     Pure: the check's result for ``plan`` against ``current`` (an
     :class:`engine.Current`), the kernel's ``answers`` to the plan's lookups
     (see :func:`planner.lookup_problems`) and ``neighbours``, the MAC each
-    proxy's address has in the neighbour table now (``{name: (address, mac
-    or None, marked MACs)}``).
+    proxy's addresses (one per family) have in the neighbour table now
+    (``{name: [(address, mac or None, marked MACs), ...]}``).
 
     Returns ``{"ok": bool, "summary": "one line", "differences": [...]}``.
     """
@@ -41,14 +41,16 @@ def verdict(plan, current, filter_backend, answers, neighbours, prefix=""):
             differences += [f"{what}: {item}" for item in changes]
     differences += planner.lookup_problems(answers, current.kernel.rules, prefix)
     base = f"{prefix}:proxies" if prefix else "proxies"
-    for name, (address, mac, marked) in sorted(neighbours.items()):
-        if mac and mac not in marked:
-            differences.append(
-                f"{base}:{name}: the neighbour entry of {address} carries {mac}, a MAC "
-                f"relayroute does not mark (marks {', '.join(marked)}): the proxy's MAC "
-                f"changed (got {mac!r})"
-            )
+    for name, entries in sorted(neighbours.items()):
+        for address, mac, marked in entries:
+            if mac and mac not in marked:
+                differences.append(
+                    f"{base}:{name}: the neighbour entry of {address} carries {mac}, a MAC "
+                    f"relayroute does not mark (marks {', '.join(marked)}): the proxy's MAC "
+                    f"changed (got {mac!r})"
+                )
     proven = sum(1 for answer in answers if not answer[4])
+    proxies = len({lookup.name for lookup in plan.lookups if lookup.gateway})
     if differences:
         summary = (
             f"relayroute DRIFT: {len(differences)} difference"
@@ -56,7 +58,7 @@ def verdict(plan, current, filter_backend, answers, neighbours, prefix=""):
         )
     else:
         summary = (
-            f"relayroute OK: {len(plan.rules)} proxies, {len(plan.routes)} table routes, "
+            f"relayroute OK: {proxies} proxies, {len(plan.routes)} table routes, "
             f"{proven} route lookups as planned"
         )
     return {"ok": not differences, "summary": summary, "differences": differences}
@@ -135,14 +137,16 @@ def run(plan, filter_backend, kernel=None, prefix="", textfile=None):
         for rule in chain.rules:
             if rule[0] == "mark_from_mac":
                 marked.setdefault(rule[2], []).append(rule[1])
-    gateways = {lookup.name: (lookup.gateway, lookup.mark) for lookup in plan.lookups}
+    # Each proxy's neighbour entry in each family it has an address in.
     neighbours = {}
-    for name, (address, mark) in gateways.items():
-        if address:
-            neighbours[name] = (
-                address,
-                netlink.lookup_mac(address, resolve=False),
-                marked.get(mark, []),
+    for lookup in plan.lookups:
+        if lookup.gateway:
+            neighbours.setdefault(lookup.name, []).append(
+                (
+                    lookup.gateway,
+                    netlink.lookup_mac(lookup.gateway, resolve=False),
+                    marked.get(lookup.mark, []),
+                )
             )
     result = verdict(plan, current, filter_backend, answers, neighbours, prefix)
     if textfile:

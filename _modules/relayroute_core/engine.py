@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from . import family as families
 from . import iptables, netlink, nftables, persist, planner, sysctl
 from .model import InputError
 
@@ -126,7 +127,14 @@ def read(filter_backend, kernel=None, sysctl_keys=(), memory=None):
 
 
 def _rule_key(rule):
-    return (rule.priority, rule.fwmark, rule.fwmask, rule.table)
+    return (rule.family, rule.priority, rule.fwmark, rule.fwmask, rule.table)
+
+
+def _remembered_key(key):
+    """A rule key from the memory: ``(family, priority, mark, mask, table)``; older
+    memories (IPv4 only) have no family."""
+    key = tuple(key)
+    return key if len(key) == 5 else (families.IPV4.version, *key)
 
 
 def adopt_rules(kernel, plan, memory):
@@ -139,7 +147,7 @@ def adopt_rules(kernel, plan, memory):
     """
     if kernel.rule_protocol:
         return kernel
-    known = {tuple(key) for key in memory.get("rules", [])}
+    known = {_remembered_key(key) for key in memory.get("rules", [])}
     known |= {_rule_key(rule) for rule in plan.rules}
     rules = tuple(
         dataclasses.replace(rule, proto=plan.owner.proto)
@@ -168,8 +176,9 @@ def _route_matches(planned, current):
 
 def conflicts(plan, kernel, prefix=""):
     """
-    Host-dependent checks of a plan: a priority taken by another tool's rule, a
-    table holding another tool's routes. Messages name the input key and value.
+    Host-dependent checks of a plan: a priority taken by another tool's rule of
+    the same family (the kernel keeps each family's rules apart), a table
+    holding another tool's routes. Messages name the input key and value.
     """
     errors = []
     owner = plan.owner
@@ -179,7 +188,8 @@ def conflicts(plan, kernel, prefix=""):
 
     for rule in plan.rules:
         for other in kernel.rules:
-            if other.priority == rule.priority and other.proto != owner.proto:
+            same = (other.family, other.priority) == (rule.family, rule.priority)
+            if same and other.proto != owner.proto:
                 errors.append(
                     f"{path(rule.origin)}: priority {rule.priority} is already used by "
                     f"another tool's rule '{other.line()}' (got {rule.priority!r})"
@@ -200,8 +210,8 @@ def diff(plan, current, filter_backend, scope=None):
     Pure: the operations and transaction that turn ``current`` into ``plan``.
 
     Without ``scope`` everything the owner has is compared (stale items are
-    removed). With ``scope = (route keys, rule priorities)`` only owned items
-    with those keys are considered and the packet filter is left alone: that
+    removed). With ``scope = (route keys, {(family, rule priority)})`` only
+    owned items with those keys are considered and the packet filter is left alone: that
     is how a single policy route is managed beside others of its kind.
     """
     owner = plan.owner
@@ -211,7 +221,7 @@ def diff(plan, current, filter_backend, scope=None):
     if scope is not None:
         route_keys, priorities = scope
         have_routes = [route for route in have_routes if route.key in route_keys]
-        have_rules = [rule for rule in have_rules if rule.priority in priorities]
+        have_rules = [rule for rule in have_rules if (rule.family, rule.priority) in priorities]
 
     for route in plan.routes:
         if not any(_route_matches(route, have) for have in have_routes):
@@ -249,7 +259,7 @@ def diff(plan, current, filter_backend, scope=None):
         result.changes["routes"] = {"old": old_routes, "new": new_routes}
     if [op for op in result.before + result.after if op[0].startswith("rule")]:
         result.changes["rules"] = {
-            "old": [rule.line() for rule in sorted(have_rules, key=lambda r: r.priority)],
+            "old": [rule.line() for rule in sorted(have_rules, key=_rule_order)],
             "new": [rule.line() for rule in plan.rules],
         }
     if result.transaction:
@@ -258,6 +268,10 @@ def diff(plan, current, filter_backend, scope=None):
             "new": filter_backend.desired_lines(plan),
         }
     return result
+
+
+def _rule_order(rule):
+    return (rule.family, rule.priority)
 
 
 def _sysctl_diff(plan, current, result):
@@ -375,23 +389,27 @@ def _other_rulesets(filter_backend, memory, has_work):
 def connmark_moves(plan, have_routes, have_rules):
     """
     Connections in flight whose proxy changes mark follow it: when a proxy
-    (known by the gateway of its table) gets a new mark or mask, its
+    (known by the gateway of its table, in each family) gets a new mark or mask, its
     connections' connmark moves from the old to the new one, after the new
     rule and chains are in place and before the old rule goes. Their replies
     keep leaving through the proxy at every moment.
 
     Returns ``[(old_mark, old_mask, new_mark, new_mask)]``.
     """
-    old_gateway = {route.table: route.gateway for route in have_routes if route.gateway}
-    new_gateway = {route.table: route.gateway for route in plan.routes if route.gateway}
+    old_gateway = {
+        (route.family, route.table): route.gateway for route in have_routes if route.gateway
+    }
+    new_gateway = {
+        (route.family, route.table): route.gateway for route in plan.routes if route.gateway
+    }
     new_mark = {
-        new_gateway[rule.table]: (rule.fwmark, rule.fwmask)
+        new_gateway[(rule.family, rule.table)]: (rule.fwmark, rule.fwmask)
         for rule in plan.rules
-        if rule.table in new_gateway
+        if (rule.family, rule.table) in new_gateway
     }
     moves = []
     for have in have_rules:
-        gateway = old_gateway.get(have.table)
+        gateway = old_gateway.get((have.family, have.table))
         if gateway not in new_mark:
             continue
         mark, mask = new_mark[gateway]

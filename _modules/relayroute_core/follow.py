@@ -13,12 +13,33 @@ disagrees.
 
 def discovered(relay_args):
     """
-    ``{name: {"address": ..., "mark": ...}}``: the proxies of the relay
-    arguments (``topology.topology(...)["relay"]``) without ``mac``/``macs``.
+    ``{name: {"address": ..., "addresses": [...], "mark": ...}}``: the
+    proxies of the relay arguments (``topology.topology(...)["relay"]``)
+    without ``mac``/``macs``. ``address`` (the pillar's form: a string, or a
+    list of one address per family) becomes ``addresses``, a list; ``address``
+    is the first of them (IPv4's on a dual-stack LAN), as events name it.
     """
     proxies = (relay_args or {}).get("proxies") or {}
-    return {
-        name: {"address": proxy["address"], "mark": proxy["mark"]}
-        for name, proxy in sorted(proxies.items())
-        if not proxy.get("mac") and not proxy.get("macs")
-    }
+    found = {}
+    for name, proxy in sorted(proxies.items()):
+        if proxy.get("mac") or proxy.get("macs"):
+            continue
+        address = proxy["address"]
+        addresses = list(address) if isinstance(address, (list, tuple)) else [address]
+        found[name] = {"address": addresses[0], "addresses": addresses, "mark": proxy["mark"]}
+    return found
+
+
+def neighbours(addresses, macs):
+    """
+    ``{"neighbours": [...], "neighbour": ...}``: the MACs the neighbour entries
+    of a proxy's ``addresses`` carry (``macs``: ``{address: mac or None}``),
+    each once in the order of the addresses; ``neighbour`` is the first (None
+    when no entry has one).
+    """
+    found = []
+    for address in addresses:
+        mac = macs.get(address)
+        if mac and mac not in found:
+            found.append(mac)
+    return {"neighbours": found, "neighbour": found[0] if found else None}

@@ -9,14 +9,14 @@ the 8-bit header field; rules always get an explicit priority.
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import socket
 import time
 from dataclasses import dataclass
 from typing import List, Tuple
 
+from . import family as families
 from . import lazy, sysctl
-from .planner import DEFAULT_DST, Route, Rule
+from .planner import Route, Rule
 
 # pyroute2's package __init__ imports every subsystem of the library (0.1 s):
 # rtnetlink's modules alone, conntrack's on its first use (lazy.py).
@@ -31,23 +31,36 @@ except ImportError:  # pragma: no cover - reported by __virtual__
     HAS_PYROUTE2 = False
     NetlinkError = OSError
 
-AF_INET = socket.AF_INET
 FR_ACT_TO_TBL = 1
 RTN_UNICAST = 1
 RTN_LOCAL = 2
 KINDS = {RTN_UNICAST: "unicast", RTN_LOCAL: "local"}
 KIND_TYPES = {name: number for number, name in KINDS.items()}
-# Neighbour states with a usable link-layer address.
+# Neighbour states without a usable link-layer address: resolution pending or
+# failed, and NOARP (an entry the kernel made without asking: a multicast
+# group's, or one on a link without ARP/ND), whose address is no neighbour's.
 NUD_INCOMPLETE = 0x01
 NUD_FAILED = 0x20
 NUD_NOARP = 0x40
+NUD_UNUSABLE = NUD_INCOMPLETE | NUD_FAILED | NUD_NOARP
 # rtm_flags of a route get: report the table the answer came from, not 254.
 RTM_F_LOOKUP_TABLE = 0x1000
+# rtm_flags of IPv6's cached clones in a route dump: no route of a table's.
+RTM_F_CLONED = 0x200
 MAIN_TABLE = 254
 
 
 class NetlinkOpError(RuntimeError):
     """A netlink request failed; the message names the operation and the kernel's error."""
+
+
+def _family_prefix(version):
+    """What 'ip rule' prints before a rule of this family ('ipv6 ', nothing for IPv4)."""
+    return "" if version == families.FAMILIES[0].version else f"{_name(version).lower()} "
+
+
+def _name(version):
+    return families.BY_VERSION[version].name
 
 
 @dataclass(frozen=True)
@@ -61,12 +74,15 @@ class KernelRule:
     proto: int
     action: int
     selectors: Tuple[str, ...]  # other selectors (src, dst, iif, ...) present
+    family: int = 4  # 4 or 6: the kernel keeps each family's rules apart
 
     def as_rule(self):
-        return Rule(self.priority, self.fwmark, self.fwmask, self.table, self.proto)
+        return Rule(
+            self.priority, self.fwmark, self.fwmask, self.table, self.proto, family=self.family
+        )
 
     def line(self):
-        words = [f"{self.priority}:", "from all"]
+        words = [f"{_family_prefix(self.family)}{self.priority}:", "from all"]
         if self.fwmark or self.fwmask:
             words.append(f"fwmark {self.fwmark:#x}/{self.fwmask:#x}")
         words += list(self.selectors)
@@ -77,14 +93,22 @@ class KernelRule:
 
 @dataclass(frozen=True)
 class KernelState:
-    rules: Tuple[KernelRule, ...]
-    routes: Tuple[Route, ...]  # IPv4 routes of every table outside local/main/default
-    networks: Tuple[str, ...]  # connected IPv4 networks of the host
-    addresses: Tuple[str, ...]  # the host's own IPv4 addresses
+    rules: Tuple[KernelRule, ...]  # of both families
+    routes: Tuple[Route, ...]  # routes of both families in every table outside local/main/default
+    networks: Tuple[str, ...]  # connected networks of the host (both families)
+    addresses: Tuple[str, ...]  # the host's own addresses (both families)
     network_interfaces: Tuple[Tuple[str, str], ...] = ()  # (network, interface name)
-    default_interface: str = ""  # the main table's default route's interface
+    # The IPv4 main table's default route's interface (reverse-path filtering,
+    # which src_valid_mark relaxes, is IPv4's).
+    default_interface: str = ""
     # Kernels before 4.17 (CentOS 7) keep no protocol on ip rules (FRA_PROTOCOL).
     rule_protocol: bool = True
+    # ((family, interface), ...): each family's main default route's interface.
+    default_interfaces: Tuple[Tuple[int, str], ...] = ()
+
+    def default_interface_of(self, version):
+        """The interface of the main table's default route of this family ('' when none)."""
+        return dict(self.default_interfaces).get(version, "")
 
 
 _RULE_SELECTORS = {
@@ -98,6 +122,11 @@ _RULE_SELECTORS = {
     "FRA_DPORT_RANGE": "dport",
     "FRA_L3MDEV": "l3mdev",
 }
+
+
+def _version(msg):
+    """The family (4/6) of a netlink message, from its header."""
+    return families.BY_AF[msg["family"]].version
 
 
 def _rule_from_msg(msg):
@@ -117,13 +146,15 @@ def _rule_from_msg(msg):
         proto=msg.get("FRA_PROTOCOL") or 0,
         action=msg["action"],
         selectors=selectors,
+        family=_version(msg),
     )
 
 
 def _route_from_msg(msg, ifnames):
     table = msg.get("RTA_TABLE") or msg["table"]
+    version = _version(msg)
     dst = msg.get("RTA_DST")
-    dst = f"{dst}/{msg['dst_len']}" if dst else DEFAULT_DST
+    dst = f"{dst}/{msg['dst_len']}" if dst else families.BY_VERSION[version].any
     kind = KINDS.get(msg["type"], str(msg["type"]))
     oif = msg.get("RTA_OIF")
     return Route(
@@ -133,6 +164,7 @@ def _route_from_msg(msg, ifnames):
         gateway=msg.get("RTA_GATEWAY"),
         kind=kind,
         dev=ifnames.get(oif) if kind == "local" else None,
+        family=version,
     )
 
 
@@ -166,35 +198,57 @@ def _wrap(what):
     return decorate
 
 
+def _own_interfaces(ipr, family):
+    """The host's addresses of ``family`` as interface objects, with their link's index."""
+    found = []
+    for msg in ipr.get_addr(family=family.af):
+        address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+        found.append((family.interface(f"{address}/{msg['prefixlen']}"), msg["index"]))
+    return found
+
+
+def _main_default(ipr, family):
+    """The main table's default route of ``family``: ``(present, interface index or None)``."""
+    for msg in ipr.get_routes(family=family.af, table=MAIN_TABLE):
+        if not msg["dst_len"] and (msg.get("RTA_TABLE") or msg["table"]) == MAIN_TABLE:
+            return True, msg.get("RTA_OIF") if msg["type"] == RTN_UNICAST else None
+    return False, None
+
+
 @_wrap("reading routing state over netlink")
 def read():
-    """Dump ip rules, policy-table routes, addresses and links (netlink only)."""
+    """Dump ip rules, policy-table routes, addresses and links of both families (netlink only)."""
+    rule_msgs, routes, networks, addresses, on, defaults = [], [], [], [], [], []
     with IPRoute() as ipr:
         ifnames = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
-        rule_msgs = list(ipr.get_rules(family=AF_INET))
-        rules = tuple(_rule_from_msg(msg) for msg in rule_msgs)
-        # Kernels with FRA_PROTOCOL report it on every rule, the defaults included.
-        rule_protocol = any(msg.get("FRA_PROTOCOL") is not None for msg in rule_msgs)
-        routes = tuple(
-            _route_from_msg(msg, ifnames)
-            for msg in ipr.route("dump", family=AF_INET)
-            if (msg.get("RTA_TABLE") or msg["table"]) not in (253, 254, 255)
-        )
-        networks, addresses, on = [], [], []
-        for msg in ipr.get_addr(family=AF_INET):
-            addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
-            addresses.append(addr)
-            if not addr.startswith("127."):
-                net = str(ipaddress.IPv4Interface(f"{addr}/{msg['prefixlen']}").network)
-                networks.append(net)
-                on.append((net, ifnames.get(msg["index"], "")))
-        default = ""
-        for msg in ipr.get_routes(family=AF_INET, table=254):
-            if not msg["dst_len"] and msg["type"] == RTN_UNICAST and msg.get("RTA_OIF"):
-                default = ifnames.get(msg.get("RTA_OIF"), "")
-                break
+        for family in families.FAMILIES:
+            rule_msgs += ipr.get_rules(family=family.af)
+            routes += [
+                _route_from_msg(msg, ifnames)
+                for msg in ipr.route("dump", family=family.af)
+                if (msg.get("RTA_TABLE") or msg["table"]) not in (253, 254, 255)
+                and not msg["flags"] & RTM_F_CLONED
+            ]
+            for interface, index in _own_interfaces(ipr, family):
+                addresses.append(str(interface.ip))
+                if not interface.ip.is_loopback:
+                    networks.append(str(interface.network))
+                    on.append((str(interface.network), ifnames.get(index, "")))
+            _present, oif = _main_default(ipr, family)
+            if oif:
+                defaults.append((family.version, ifnames.get(oif, "")))
+    rules = tuple(_rule_from_msg(msg) for msg in rule_msgs)
+    # Kernels with FRA_PROTOCOL report it on every rule, the defaults included.
+    rule_protocol = any(msg.get("FRA_PROTOCOL") is not None for msg in rule_msgs)
     return KernelState(
-        rules, routes, tuple(networks), tuple(addresses), tuple(on), default, rule_protocol
+        rules,
+        tuple(routes),
+        tuple(networks),
+        tuple(addresses),
+        tuple(on),
+        dict(defaults).get(families.IPV4.version, ""),
+        rule_protocol,
+        tuple(defaults),
     )
 
 
@@ -204,7 +258,7 @@ def _route_args(route, ipr):
         "table": route.table,
         "proto": route.proto,
         "type": KIND_TYPES[route.kind],
-        "family": AF_INET,
+        "family": families.BY_VERSION[route.family].af,
     }
     if route.gateway:
         args["gateway"] = route.gateway
@@ -217,7 +271,7 @@ def _route_args(route, ipr):
 
 def _rule_args(rule):
     return {
-        "family": AF_INET,
+        "family": families.BY_VERSION[rule.family].af,
         "priority": rule.priority,
         "fwmark": rule.fwmark,
         "fwmask": rule.fwmask,
@@ -230,9 +284,11 @@ def _rule_args(rule):
 def run_ops(ops):
     """
     Carry out netlink operations in order. ``ops`` are ``(verb, object)`` with
-    verb one of ``route_replace``, ``route_del``, ``rule_add``, ``rule_del``.
-    Stops at the first failure and raises :class:`NetlinkOpError` naming it,
-    with ``done`` set to the operations that succeeded before it.
+    verb one of ``route_replace``, ``route_del``, ``rule_add``, ``rule_del``
+    (each in the family its route or rule carries), ``connmark_move`` and
+    ``sysctl_set``. Stops at the first failure and raises
+    :class:`NetlinkOpError` naming it, with ``done`` set to the operations
+    that succeeded before it.
     """
     done = []
     with IPRoute() as ipr:
@@ -269,37 +325,42 @@ def run_ops(ops):
 
 def move_connmarks(old_mark, old_mask, new_mark, new_mask):
     """
-    Give every conntrack entry whose connmark carries ``old_mark`` under
-    ``old_mask`` the connmark ``new_mark`` under ``new_mask`` instead, keeping
-    the bits of other mark users. Entries that end meanwhile are skipped.
-    Returns how many moved.
+    Give every conntrack entry (of both families) whose connmark carries
+    ``old_mark`` under ``old_mask`` the connmark ``new_mark`` under
+    ``new_mask`` instead, keeping the bits of other mark users. Entries that
+    end meanwhile are skipped. Returns how many moved.
     """
     moved = 0
-    with Conntrack() as ct:
-        entries = list(ct.dump_entries(mark=old_mark, mark_mask=old_mask))
-        for entry in entries:
-            mark = ((entry.mark or 0) & ~(old_mask | new_mask) & 0xFFFFFFFF) | new_mark
-            try:
-                ct.entry("set", tuple_orig=entry.tuple_orig, mark=mark)
-            except NetlinkError as err:
-                if err.code != 2:  # ENOENT: the connection ended meanwhile
-                    raise
-                continue
-            moved += 1
+    for family in families.FAMILIES:
+        with Conntrack(nfgen_family=family.af) as ct:
+            entries = [
+                entry
+                for entry in ct.dump_entries(mark=old_mark, mark_mask=old_mask)
+                if entry.tuple_orig.family == family.af
+            ]
+            for entry in entries:
+                mark = ((entry.mark or 0) & ~(old_mask | new_mask) & 0xFFFFFFFF) | new_mark
+                try:
+                    ct.entry("set", tuple_orig=entry.tuple_orig, mark=mark)
+                except NetlinkError as err:
+                    if err.code != 2:  # ENOENT: the connection ended meanwhile
+                        raise
+                    continue
+                moved += 1
     return moved
 
 
 def _own_address_towards(networks, gateway):
-    """The host's own IPv4 address on the network ``gateway`` is on (None: none)."""
-    target = ipaddress.IPv4Address(gateway)
+    """The host's own address on the network ``gateway`` is on, of its family (None: none)."""
     for interface in networks:
-        if target in interface.network:
+        if families.contains(interface.network, gateway):
             return str(interface.ip)
     return None
 
 
 def _route_get(ipr, lookup, src):
-    args = {"dst": lookup.dst, "family": AF_INET, "flags": RTM_F_LOOKUP_TABLE}
+    family = families.BY_VERSION[lookup.family]
+    args = {"dst": lookup.dst, "family": family.af, "flags": RTM_F_LOOKUP_TABLE}
     if lookup.mark:
         args["mark"] = lookup.mark
     if src:
@@ -314,26 +375,23 @@ def _route_get(ipr, lookup, src):
 @_wrap("route lookups over netlink")
 def route_lookups(lookups):
     """
-    Ask the kernel's own route lookup each of ``lookups`` (planner.Lookup:
-    ``ip route get DST mark MARK``, and from the host's address on the
-    gateway's network when ``from_own``). Returns ``(lookup, src, table,
-    gateway, error)`` per lookup made; netlink only, no process.
+    Ask the kernel's own route lookup each of ``lookups`` (planner.Lookup, in
+    its family: ``ip [-6] route get DST mark MARK``, and from the host's
+    address of that family on the gateway's network when ``from_own``).
+    Returns ``(lookup, src, table, gateway, error)`` per lookup made; netlink
+    only, no process.
     """
     answers = []
     if not lookups:
         return answers
     with IPRoute() as ipr:
-        main_default = any(
-            not msg["dst_len"] for msg in ipr.get_routes(family=AF_INET, table=MAIN_TABLE)
-        )
-        networks = [
-            ipaddress.IPv4Interface(
-                f"{msg.get('IFA_LOCAL') or msg.get('IFA_ADDRESS')}/{msg['prefixlen']}"
-            )
-            for msg in ipr.get_addr(family=AF_INET)
-        ]
+        main_default, networks = {}, []
+        for version in sorted({lookup.family for lookup in lookups}):
+            family = families.BY_VERSION[version]
+            main_default[version] = _main_default(ipr, family)[0]
+            networks += [interface for interface, _index in _own_interfaces(ipr, family)]
         for lookup in lookups:
-            if lookup.if_main_default and not main_default:
+            if lookup.if_main_default and not main_default[lookup.family]:
                 continue
             answers.append(_route_get(ipr, lookup, None))
             src = _own_address_towards(networks, lookup.gateway) if lookup.from_own else None
@@ -342,11 +400,26 @@ def route_lookups(lookups):
     return answers
 
 
+def _usable_mac(msg):
+    """The MAC of a neighbour entry, lower case; None when it has no usable one."""
+    mac = msg.get("NDA_LLADDR")
+    if mac and not msg["state"] & NUD_UNUSABLE:
+        return mac.lower()
+    return None
+
+
+def _same(a, b):
+    return families.parse_address(a) == families.parse_address(b)
+
+
 def _neighbour_mac(ipr, address):
-    for msg in ipr.get_neighbours(family=AF_INET, dst=address):
-        mac = msg.get("NDA_LLADDR")
-        if mac and not msg["state"] & (NUD_INCOMPLETE | NUD_FAILED):
-            return mac.lower()
+    family = families.of(address)
+    for msg in ipr.get_neighbours(family=family.af, dst=address):
+        if msg.get("NDA_DST") and not _same(msg.get("NDA_DST"), address):
+            continue
+        mac = _usable_mac(msg)
+        if mac:
+            return mac
     return None
 
 
@@ -354,33 +427,43 @@ def _neighbour_mac(ipr, address):
 def neighbour_macs(addresses):
     """
     ``{address: mac or None}``: the MAC each address's neighbour entry carries
-    now, from one dump of the neighbour table (nothing is resolved, no ARP).
+    now, from one dump of the neighbour table per family asked about
+    (nothing is resolved, no ARP or neighbour solicitation).
     """
     wanted = {address: None for address in addresses}
     if not wanted:
         return wanted
+    by_ip = {families.parse_address(address): address for address in wanted}
     with IPRoute() as ipr:
-        for msg in ipr.get_neighbours(family=AF_INET):
-            address, mac = msg.get("NDA_DST"), msg.get("NDA_LLADDR")
-            if address in wanted and mac and not msg["state"] & (NUD_INCOMPLETE | NUD_FAILED):
-                wanted[address] = mac.lower()
+        for family in sorted({families.of(address) for address in wanted}, key=_order):
+            for msg in ipr.get_neighbours(family=family.af):
+                dst, mac = msg.get("NDA_DST"), _usable_mac(msg)
+                address = by_ip.get(families.parse_address(dst)) if dst else None
+                if address is not None and mac:
+                    wanted[address] = mac
     return wanted
+
+
+def _order(family):
+    return family.version
 
 
 @_wrap("looking up a neighbour over netlink")
 def lookup_mac(address, resolve=True, timeout=3.0):
     """
-    The MAC address of ``address`` from the neighbour table. When absent and
-    ``resolve`` is true, make the kernel resolve it (one UDP datagram to the
-    discard port triggers ARP) and wait up to ``timeout`` seconds. None when
-    it cannot be found.
+    The MAC address of ``address`` (either family) from the neighbour table
+    of its family. When absent and ``resolve`` is true, make the kernel
+    resolve it (one UDP datagram to the discard port triggers ARP, or IPv6's
+    neighbour solicitation) and wait up to ``timeout`` seconds. None when it
+    cannot be found.
     """
+    family = families.of(address)
     with IPRoute() as ipr:
         mac = _neighbour_mac(ipr, address)
         if mac or not resolve:
             return mac
         deadline = time.monotonic() + timeout
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        with socket.socket(family.af, socket.SOCK_DGRAM) as sock:
             try:
                 sock.sendto(b"", (address, 9))
             except OSError:
@@ -391,6 +474,20 @@ def lookup_mac(address, resolve=True, timeout=3.0):
                 if mac:
                     return mac
     return None
+
+
+def lookup_macs(addresses, resolve=True, timeout=3.0):
+    """
+    The MACs found for any of ``addresses`` (a proxy's, one per family), each
+    once, in the order of the addresses (IPv4 first): an empty tuple when none
+    was found.
+    """
+    found = []
+    for address in addresses:
+        mac = lookup_mac(address, resolve=resolve, timeout=timeout)
+        if mac and mac not in found:
+            found.append(mac)
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -413,27 +510,29 @@ class Flow:
 
 @_wrap("dumping conntrack over netlink")
 def flows(mark_mask=0xFFFFFFFF, port=None):
-    """Conntrack entries (IPv4 TCP/UDP), with their connmark under ``mark_mask``."""
+    """Conntrack entries (TCP/UDP, both families), with their connmark under ``mark_mask``."""
     names = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
     found: List[Flow] = []
-    with Conntrack() as ct:
-        for entry in ct.dump_entries():
-            orig, reply = entry.tuple_orig, entry.tuple_reply
-            if orig.proto not in names:
-                continue
-            if port is not None and port not in (orig.dport, orig.sport):
-                continue
-            state = entry.protoinfo.state_name() if entry.protoinfo else ""
-            found.append(
-                Flow(
-                    names[orig.proto],
-                    orig.saddr,
-                    orig.sport,
-                    orig.daddr,
-                    orig.dport,
-                    reply.saddr,
-                    (entry.mark or 0) & mark_mask,
-                    state,
+    for family in families.FAMILIES:
+        with Conntrack(nfgen_family=family.af) as ct:
+            for entry in ct.dump_entries():
+                orig, reply = entry.tuple_orig, entry.tuple_reply
+                # Old kernels dump every family whatever the request's.
+                if orig.family != family.af or orig.proto not in names:
+                    continue
+                if port is not None and port not in (orig.dport, orig.sport):
+                    continue
+                state = entry.protoinfo.state_name() if entry.protoinfo else ""
+                found.append(
+                    Flow(
+                        names[orig.proto],
+                        orig.saddr,
+                        orig.sport,
+                        orig.daddr,
+                        orig.dport,
+                        reply.saddr,
+                        (entry.mark or 0) & mark_mask,
+                        state,
+                    )
                 )
-            )
     return found

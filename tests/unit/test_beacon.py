@@ -45,9 +45,34 @@ def relay_args():
 
 def test_only_proxies_without_mac_or_macs_are_followed():
     assert follow.discovered(relay_args()) == {
-        "master-relay": {"address": "192.0.2.2", "mark": 254}
+        "master-relay": {"address": "192.0.2.2", "addresses": ["192.0.2.2"], "mark": 254}
     }
     assert follow.discovered(None) == {}
+
+
+def test_a_dual_stack_proxy_is_followed_by_both_of_its_addresses():
+    args = relay_args()
+    args["proxies"]["master-relay"]["address"] = ["192.0.2.2", "2001:db8:2::2"]
+    assert follow.discovered(args)["master-relay"] == {
+        "address": "192.0.2.2",
+        "addresses": ["192.0.2.2", "2001:db8:2::2"],
+        "mark": 254,
+    }
+
+
+@pytest.mark.parametrize(
+    ("macs", "expected"),
+    [
+        ({"192.0.2.2": OLD, "2001:db8:2::2": OLD}, [OLD]),
+        ({"192.0.2.2": OLD, "2001:db8:2::2": NEW}, [OLD, NEW]),
+        ({"192.0.2.2": None, "2001:db8:2::2": NEW}, [NEW]),
+        ({"192.0.2.2": None, "2001:db8:2::2": None}, []),
+    ],
+    ids=["same-nic", "two-macs", "ipv6-only", "none"],
+)
+def test_neighbours_of_both_families_each_once_ipv4_first(macs, expected):
+    found = follow.neighbours(["192.0.2.2", "2001:db8:2::2"], macs)
+    assert found == {"neighbours": expected, "neighbour": expected[0] if expected else None}
 
 
 def test_marked_macs_reads_the_owners_chains_only():
@@ -161,6 +186,29 @@ def test_the_beacon_fires_once_per_new_mac_and_reads_the_filter_only_when_needed
     clock[0] += 5
     assert [e["mac"] for e in beacon.beacon(config)] == [NEW]
     assert host.reads == 6
+
+
+def test_a_dual_stack_proxy_fires_for_a_mac_either_family_carries():
+    clock = [0.0]
+    entries = {"neighbours": [OLD]}
+    salt = {
+        "relayroute.discovered_proxies": lambda: {
+            "master-relay": {
+                "address": "192.0.2.2",
+                "addresses": ["192.0.2.2", "2001:db8:2::2"],
+                "mark": 254,
+                "neighbour": entries["neighbours"][0],
+                "neighbours": list(entries["neighbours"]),
+            }
+        },
+        "relayroute.marked_macs": lambda: {254: [OLD]},
+    }
+    beacon = load_beacon(salt, clock)
+    assert beacon.beacon([]) == []
+    # The IPv6 entry moved (its neighbour advertisement came first), IPv4's not yet.
+    entries["neighbours"] = [OLD, NEW]
+    clock[0] += 5
+    assert [(e["proxy"], e["mac"]) for e in beacon.beacon([])] == [("master-relay", NEW)]
 
 
 def test_an_entry_without_mac_and_a_pillar_that_does_not_validate_fire_nothing():

@@ -58,7 +58,7 @@ def good_answers(plan):
 def test_everything_as_planned_is_ok():
     plan = relay_plan()
     result = check.verdict(
-        plan, in_place(plan), iptables, good_answers(plan), {"m": ("192.0.2.2", MAC, [MAC])}
+        plan, in_place(plan), iptables, good_answers(plan), {"m": [("192.0.2.2", MAC, [MAC])]}
     )
     assert result == {
         "ok": True,
@@ -91,7 +91,7 @@ def test_a_neighbour_entry_with_a_mac_relayroute_does_not_mark_is_a_difference()
         in_place(plan),
         iptables,
         good_answers(plan),
-        {"m": ("192.0.2.2", OTHER_MAC, [MAC])},
+        {"m": [("192.0.2.2", OTHER_MAC, [MAC])]},
         "relayroute",
     )
     assert result["differences"] == [
@@ -100,7 +100,7 @@ def test_a_neighbour_entry_with_a_mac_relayroute_does_not_mark_is_a_difference()
     ]
     # No entry at all (it expired) is no difference.
     assert check.verdict(
-        plan, in_place(plan), iptables, good_answers(plan), {"m": ("192.0.2.2", None, [MAC])}
+        plan, in_place(plan), iptables, good_answers(plan), {"m": [("192.0.2.2", None, [MAC])]}
     )["ok"]
 
 
