@@ -1,34 +1,101 @@
 """
-iptables backend: renders a plan's chains as iptables rules, reads the mangle
-table once with ``iptables-save``, and writes relayroute's chains in one
-``iptables-restore --noflush`` transaction.
+iptables backend: renders a plan's chains as iptables rules, one table per
+address family, each written with its family's own tool: ``iptables-save -t
+mangle`` / ``iptables-restore --noflush`` for IPv4, ``ip6tables-save`` /
+``ip6tables-restore --noflush`` for IPv6 (:data:`TOOLS`).
 
 Only chains whose names start with the owner's prefix, and jumps to them from
 the built-in chains, are ever written; every other line of the ruleset stays
 as it is. Declaring a chain in a ``--noflush`` transaction flushes that chain
 alone, so a changed chain is rewritten whole, atomically.
+
+What "atomic" means across the two tools: each family's transaction is one
+``*-restore`` process, committed all or nothing in its own table (legacy: one
+table replace; iptables-nft: one nf_tables batch). The kernel has no
+transaction spanning both: IPv4 is written first, then IPv6, and for the few
+milliseconds between them IPv4 packets see the new chains while IPv6 packets
+still see the old ones. Each family's packets only ever traverse their own
+family's table, so no packet ever meets half a ruleset: every packet is
+handled entirely by the old plan or entirely by the new one. When the IPv6
+transaction fails, :func:`apply` writes the IPv4 table back to what it was
+before (the inverse transaction, computed with the forward one) and raises an
+error naming ``ip6tables-restore``; the engine's rollback then finds nothing
+left to undo in the packet filter, and undoes its routes and rules.
+
+Reading: IPv4's table is read every time (one ``iptables-save``, as before
+IPv6). IPv6's is read only when the kernel may hold relayroute's chains there,
+which the backend finds out without running a process (:func:`_may_hold`):
+iptables-nft keeps them as chains of nf_tables' ``ip6 mangle`` table (one
+netlink dump of the IPv6 chain names, no rules), iptables-legacy has an IPv6
+mangle table at all only when ``/proc/<thread>/net/ip6_tables_names`` lists
+it. When neither holds any, nothing of relayroute's is there to compare or
+remove, and the IPv6 table reads as empty: a no-op of an IPv4-only host costs
+one process, as before; a dual-stack one two. The :class:`Ruleset` records
+which families were read.
 """
 
+import errno
 import os
 import shutil
+import socket
+import struct
 import subprocess
+import threading
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
-from . import family
+from . import family, planner
 
 NAME = "iptables"
 TABLE = "mangle"
 HOOKS = {"prerouting": "PREROUTING", "output": "OUTPUT"}
 BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
-SAVE = ("iptables-save", "-t", TABLE)
-RESTORE = ("iptables-restore", "--noflush")
 # iptables-legacy serialises its users (fail2ban, Docker, firewalld's direct
 # rules, ...) with the xtables lock: without --wait a transaction fails at once
 # while another holds it. Wait, bounded. iptables-nft accepts and ignores it;
 # an iptables-restore too old to know it (before 1.6.2) is run without it.
+# ip6tables shares the same lock and the same options.
 XTABLES_WAIT = 30
 WAIT = ("--wait", str(XTABLES_WAIT))
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One address family's iptables tools, and where that family's state lives."""
+
+    version: int  # the family (relayroute_core.family)
+    command: str  # "iptables" / "ip6tables"
+    # How the family's lines are told apart in reports and diffs ("" for IPv4,
+    # whose lines read as they always have).
+    label: str
+    saved_file: str  # iptables-services' saved ruleset (RHEL/CentOS)
+    legacy_tables: str  # the legacy tables this network namespace has, under /proc/<tid>/net
+    nfproto: int  # nf_tables' family of iptables-nft's tables (NFPROTO_IPV4 / IPV6)
+    # Read every time (IPv4, as before IPv6), or only when the kernel may hold
+    # relayroute's chains (found without a process, see _may_hold).
+    always_read: bool
+
+    @property
+    def save(self):
+        return (f"{self.command}-save", "-t", TABLE)
+
+    @property
+    def restore(self):
+        return (f"{self.command}-restore", "--noflush")
+
+
+TOOLS = {
+    4: Tool(4, "iptables", "", "/etc/sysconfig/iptables", "ip_tables_names", 2, True),
+    6: Tool(
+        6, "ip6tables", "ip6tables: ", "/etc/sysconfig/ip6tables", "ip6_tables_names", 10, False
+    ),
+}
+VERSIONS = tuple(sorted(TOOLS))  # the order transactions are applied in: IPv4 first
+SAVE = TOOLS[4].save
+RESTORE = TOOLS[4].restore
+# ICMPv6 neighbour discovery (RFC 4861), as ip6tables-save prints the types:
+# router solicitation/advertisement, neighbour solicitation/advertisement, redirect.
+ND_ICMPV6_TYPES = (133, 134, 135, 136, 137)
 
 
 class BackendError(RuntimeError):
@@ -43,6 +110,13 @@ def _in_family(rule, version):
     if kind == "return_if_neighbour_discovery":
         return version == 6
     return True
+
+
+def render_rules(rule, chain_name):
+    """One abstract rule as the rule specifications ip(6)tables-save prints for it."""
+    if rule[0] == "return_if_neighbour_discovery":
+        return [f"-p ipv6-icmp -m icmp6 --icmpv6-type {kind} -j RETURN" for kind in ND_ICMPV6_TYPES]
+    return [render_rule(rule, chain_name)]
 
 
 def render_rule(rule, chain_name):
@@ -75,8 +149,8 @@ def render_rule(rule, chain_name):
 
 
 @dataclass
-class Ruleset:
-    """The mangle table as iptables-save shows it: every chain's rule specs, in order."""
+class Table:
+    """One family's mangle table as its save tool shows it: every chain's rule specs, in order."""
 
     chains: Dict[str, List[str]] = field(default_factory=dict)
 
@@ -94,6 +168,45 @@ class Ruleset:
         return found
 
 
+class Ruleset:
+    """
+    The mangle table of each family (``tables``: ``{4: Table, 6: Table}``).
+    ``read``: the families whose save tool ran; a family not read was found to
+    hold none of relayroute's chains (or was never looked at, in a ruleset
+    built from text), and reads as empty. ``Ruleset(chains)``: IPv4's alone.
+    """
+
+    def __init__(self, chains=None, tables=None, read=(4,)):
+        tables = dict(tables or {})
+        if chains is not None:
+            tables[4] = Table(dict(chains))
+        self.tables = {version: tables.get(version) or Table() for version in VERSIONS}
+        self.read = tuple(read)
+
+    def __repr__(self):
+        return f"Ruleset(tables={self.tables!r}, read={self.read!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, Ruleset) and self.tables == other.tables
+
+    __hash__ = None
+
+    def table(self, version):
+        return self.tables[version]
+
+    @property
+    def chains(self):
+        """IPv4's chains (what ``iptables-save`` shows)."""
+        return self.tables[4].chains
+
+    def owned(self, prefix):
+        """IPv4's owned chains (see :meth:`Table.owned`; each family's through :meth:`table`)."""
+        return self.tables[4].owned(prefix)
+
+    def jumps(self, prefix):
+        return self.tables[4].jumps(prefix)
+
+
 def _target(spec):
     words = spec.split()
     for flag in ("-j", "-g"):
@@ -104,9 +217,9 @@ def _target(spec):
     return None
 
 
-def parse_save(text):
-    """Parse ``iptables-save -t mangle`` output into a :class:`Ruleset`."""
-    ruleset = Ruleset()
+def parse_table(text):
+    """Parse ``ip(6)tables-save -t mangle`` output into a :class:`Table`."""
+    table = Table()
     in_table = False
     for raw in text.splitlines():
         line = raw.strip()
@@ -116,35 +229,50 @@ def parse_save(text):
         if not in_table or not line or line.startswith("#"):
             continue
         if line.startswith(":"):
-            ruleset.chains.setdefault(line[1:].split()[0], [])
+            table.chains.setdefault(line[1:].split()[0], [])
         elif line.startswith("-A "):
             _, chain, spec = line.split(" ", 2)
-            ruleset.chains.setdefault(chain, []).append(spec)
-    return ruleset
+            table.chains.setdefault(chain, []).append(spec)
+    return table
+
+
+def parse_save(text, text6=None):
+    """
+    A :class:`Ruleset` from ``iptables-save -t mangle`` output (and, when
+    given, ``ip6tables-save -t mangle``'s; without it IPv6 holds nothing).
+    """
+    tables = {4: parse_table(text)}
+    if text6 is not None:
+        tables[6] = parse_table(text6)
+    return Ruleset(tables=tables, read=tuple(sorted(tables)))
 
 
 def marked_macs(ruleset, prefix):
     """
     ``{mark: [mac, ...]}``: the source MACs the owner's chains mark, and with
-    which mark (relayroute's bits), as the kernel has them now.
+    which mark (relayroute's bits), as the kernel has them now, in either family.
     """
     found = {}
-    for rules in ruleset.owned(prefix).values():
-        for spec in rules:
-            words = spec.split()
-            if "--mac-source" not in words or "--set-xmark" not in words:
-                continue
-            mac = words[words.index("--mac-source") + 1].lower()
-            mark = int(words[words.index("--set-xmark") + 1].split("/")[0], 16)
-            found.setdefault(mark, set()).add(mac)
+    for version in VERSIONS:
+        for rules in ruleset.table(version).owned(prefix).values():
+            for spec in rules:
+                words = spec.split()
+                if "--mac-source" not in words or "--set-xmark" not in words:
+                    continue
+                mac = words[words.index("--mac-source") + 1].lower()
+                mark = int(words[words.index("--set-xmark") + 1].split("/")[0], 16)
+                found.setdefault(mark, set()).add(mac)
     return {mark: sorted(macs) for mark, macs in found.items()}
 
 
-def desired(plan):
+def desired(plan, version=4):
     """
-    The owned chains and jumps a plan asks for:
-    ``({chain name: [rule specs]}, [(builtin, jump spec)])``.
+    The owned chains and jumps a plan asks for in ``version``'s table:
+    ``({chain name: [rule specs]}, [(builtin, jump spec)])``; nothing in a
+    family the plan's chains are not needed in (``plan.families``).
     """
+    if version not in plan.families:
+        return {}, []
     prefix = plan.owner.chain_prefix
 
     def chain_name(short):
@@ -155,50 +283,131 @@ def desired(plan):
     for chain in plan.chains:
         name = chain_name(chain.name)
         chains[name] = [
-            render_rule(rule, chain_name) for rule in chain.rules if _in_family(rule, 4)
+            spec
+            for rule in chain.rules
+            if _in_family(rule, version)
+            for spec in render_rules(rule, chain_name)
         ]
         if chain.hook:
             jumps.append((HOOKS[chain.hook], f"-j {name}"))
     return chains, jumps
 
 
+def _table_lines(chains, jumps, label):
+    lines = [f"{label}-A {builtin} {spec}" for builtin, spec in jumps]
+    for name in sorted(chains):
+        lines.append(f"{label}-N {name}")
+        lines += [f"{label}-A {name} {spec}" for spec in chains[name]]
+    return lines
+
+
 def owned_lines(ruleset, prefix):
-    """An owner's part of the ruleset as ``-A`` lines, jumps first, for diffs and reports."""
-    lines = [f"-A {builtin} {spec}" for builtin, spec in ruleset.jumps(prefix)]
-    for name in sorted(ruleset.owned(prefix)):
-        lines.append(f"-N {name}")
-        lines += [f"-A {name} {spec}" for spec in ruleset.chains[name]]
+    """
+    An owner's part of the ruleset as ``-A`` lines, jumps first, for diffs and
+    reports; IPv4's as iptables prints them, then IPv6's prefixed ``ip6tables: ``.
+    """
+    lines = []
+    for version in VERSIONS:
+        table = ruleset.table(version)
+        lines += _table_lines(table.owned(prefix), table.jumps(prefix), TOOLS[version].label)
     return lines
 
 
 def desired_lines(plan):
-    chains, jumps = desired(plan)
-    lines = [f"-A {builtin} {spec}" for builtin, spec in jumps]
-    for name in sorted(chains):
-        lines.append(f"-N {name}")
-        lines += [f"-A {name} {spec}" for spec in chains[name]]
+    lines = []
+    for version in VERSIONS:
+        lines += _table_lines(*desired(plan, version), TOOLS[version].label)
     return lines
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """
+    What :func:`apply` writes: ``parts``, ``(family, restore input)`` in the
+    order written (IPv4 first), and ``undo``, ``{family: restore input}``
+    putting each family's table back as it was before its part (None: the
+    part changed nothing that needs putting back).
+    """
+
+    parts: Tuple[Tuple[int, str], ...]
+    undo: Dict[int, Optional[str]] = field(default_factory=dict, compare=False)
+
+    def text(self, version):
+        """The restore input for ``version``'s table, or None when it has nothing to do."""
+        return dict(self.parts).get(version)
+
+    def __str__(self):
+        return "".join(
+            f"# {' '.join(TOOLS[version].restore)}\n{text}" for version, text in self.parts
+        )
 
 
 def transaction(plan, ruleset):
     """
-    The ``iptables-restore --noflush`` input that turns the owner's part of
-    ``ruleset`` into what ``plan`` asks for, or None when they already match.
+    The transaction that turns the owner's part of ``ruleset`` into what
+    ``plan`` asks for, in each family, or None when they already match.
     Foreign chains and rules are never named in it.
     """
-    want_chains, want_jumps = desired(plan)
-    return transaction_to(want_chains, want_jumps, ruleset, plan.owner.chain_prefix)
+    wanted = {version: desired(plan, version) for version in VERSIONS}
+    return transaction_to(
+        {version: chains for version, (chains, _jumps) in wanted.items()},
+        {version: jumps for version, (_chains, jumps) in wanted.items()},
+        ruleset,
+        plan.owner.chain_prefix,
+    )
 
 
 def snapshot(ruleset, prefix):
-    """The owner's chains and jumps in ``ruleset``, in the form :func:`transaction_to` takes."""
-    return dict(ruleset.owned(prefix)), list(ruleset.jumps(prefix))
+    """
+    The owner's chains and jumps in ``ruleset``, per family, in the form
+    :func:`transaction_to` takes: ``({family: chains}, {family: jumps})``.
+    """
+    return (
+        {version: dict(ruleset.table(version).owned(prefix)) for version in VERSIONS},
+        {version: list(ruleset.table(version).jumps(prefix)) for version in VERSIONS},
+    )
 
 
 def transaction_to(want_chains, want_jumps, ruleset, prefix):
-    """The transaction from the owner's part of ``ruleset`` to the wanted chains and jumps."""
-    have_chains = ruleset.owned(prefix)
-    have_jumps = ruleset.jumps(prefix)
+    """
+    The :class:`Transaction` from the owner's part of ``ruleset`` to the
+    wanted chains and jumps (``{family: ...}``, as :func:`snapshot` gives
+    them), or None when every family already matches.
+    """
+    parts, undo = [], {}
+    for version in VERSIONS:
+        table = ruleset.table(version)
+        chains = want_chains.get(version, {})
+        jumps = want_jumps.get(version, [])
+        text = table_transaction(chains, jumps, table, prefix)
+        if text:
+            parts.append((version, text))
+            after = _after(table, chains, jumps, prefix)
+            undo[version] = table_transaction(
+                table.owned(prefix), table.jumps(prefix), after, prefix
+            )
+    if not parts:
+        return None
+    return Transaction(tuple(parts), undo)
+
+
+def _after(table, chains, jumps, prefix):
+    """``table`` as it is once the owner's part is ``chains`` and ``jumps`` (pure)."""
+    after = {
+        name: [spec for spec in specs if not (_target(spec) or "").startswith(prefix)]
+        for name, specs in table.chains.items()
+        if not name.startswith(prefix)
+    }
+    for builtin, spec in reversed(jumps):
+        after.setdefault(builtin, []).insert(0, spec)
+    after.update({name: list(specs) for name, specs in chains.items()})
+    return Table(after)
+
+
+def table_transaction(want_chains, want_jumps, table, prefix):
+    """One family's ``*-restore --noflush`` input from ``table`` to the wanted part, or None."""
+    have_chains = table.owned(prefix)
+    have_jumps = table.jumps(prefix)
 
     body = []
     # Changed or new chains: declaring flushes them; then their rules, whole.
@@ -230,27 +439,34 @@ def transaction_to(want_chains, want_jumps, ruleset, prefix):
 
 def restore_commands(plan):
     """
-    Shell lines that put the plan's chains in place at boot: one transaction
-    for the chains, then each jump unless it is already there.
+    Shell lines that put the plan's chains in place at boot, per family (IPv4
+    first): one transaction for the family's chains, then each jump unless it
+    is already there. Under the script's ``set -e``, a failing IPv6 part stops
+    the script with IPv4's in place (what the host had before the reboot, in
+    the family that could be restored) and the unit fails, naming it.
     """
-    chains, jumps = desired(plan)
-    if not chains:
-        return []
-    lines = [
-        # The xtables lock (iptables-legacy), waited for where the tools know --wait.
-        f"w=; iptables-restore --help 2>&1 | grep -q -- --wait && w='--wait {XTABLES_WAIT}'",
-        "iptables-restore --noflush $w <<'RULES'",
-        f"*{TABLE}",
-    ]
-    for name in sorted(chains):
-        lines.append(f":{name} - [0:0]")
-        lines += [f"-A {name} {spec}" for spec in chains[name]]
-    lines += ["COMMIT", "RULES"]
-    for builtin, spec in jumps:
-        lines.append(
-            f"iptables $w -t {TABLE} -C {builtin} {spec} 2>/dev/null || "
-            f"iptables $w -t {TABLE} -I {builtin} 1 {spec}"
-        )
+    lines = []
+    for version in VERSIONS:
+        chains, jumps = desired(plan, version)
+        if not chains:
+            continue
+        tool = TOOLS[version]
+        lines += [
+            # The xtables lock (iptables-legacy), waited for where the tools know --wait.
+            f"w=; {tool.command}-restore --help 2>&1 | grep -q -- --wait && "
+            f"w='--wait {XTABLES_WAIT}'",
+            f"{tool.command}-restore --noflush $w <<'RULES'",
+            f"*{TABLE}",
+        ]
+        for name in sorted(chains):
+            lines.append(f":{name} - [0:0]")
+            lines += [f"-A {name} {spec}" for spec in chains[name]]
+        lines += ["COMMIT", "RULES"]
+        for builtin, spec in jumps:
+            lines.append(
+                f"{tool.command} $w -t {TABLE} -C {builtin} {spec} 2>/dev/null || "
+                f"{tool.command} $w -t {TABLE} -I {builtin} 1 {spec}"
+            )
     return lines
 
 
@@ -277,20 +493,22 @@ def _owned_saved_line(line, prefix, note):
     return False
 
 
-def merge_saved(text, plan):
+def merge_saved(text, plan, version=4):
     """
-    A saved ruleset file (``/etc/sysconfig/iptables``, which iptables.service
-    restores whole at boot) with the owner's chains and jumps replaced by the
-    plan's. Every other line stays byte for byte; the owner's lines go right
-    after the mangle table's chain declarations, so its jumps come first in
-    their built-in chains, as ``-I ... 1`` puts them at runtime. A file without
+    A saved ruleset file of family ``version`` (``TOOLS[version].saved_file``:
+    ``/etc/sysconfig/iptables``, which iptables.service restores whole at boot,
+    or ``/etc/sysconfig/ip6tables``, ip6tables.service's) with the owner's
+    chains and jumps replaced by the plan's in that family. Every other line
+    stays byte for byte; the owner's lines go right after the mangle table's
+    chain declarations, so its jumps come first in their built-in chains, as
+    ``-I ... 1`` puts them at runtime. A file without
     a mangle table gets one. ``text`` None (no file) stays None.
     """
     if text is None:
         return None
     prefix = plan.owner.chain_prefix
     note = SAVED_FILE_NOTE.format(role=plan.owner.role, prefix=prefix)
-    chains, jumps = desired(plan)
+    chains, jumps = desired(plan, version)
     ours = []
     if chains:
         ours.append(note)
@@ -342,16 +560,157 @@ def available():
 
 
 def read():
-    """Read the mangle table once (one ``iptables-save`` process)."""
+    """
+    The mangle table of each family: IPv4's always (one ``iptables-save``),
+    IPv6's only when the kernel may hold relayroute's chains there
+    (:func:`_may_hold`, no process); otherwise it reads as empty.
+    """
+    tables, done = {}, []
+    for version in VERSIONS:
+        tool = TOOLS[version]
+        if tool.always_read or _may_hold(tool):
+            tables[version] = _save(tool)
+            done.append(version)
+    return Ruleset(tables=tables, read=tuple(done))
+
+
+def _save(tool):
+    argv = tool.save
     try:
         proc = subprocess.run(
-            SAVE, capture_output=True, text=True, check=False, env=_env(), timeout=60
+            argv, capture_output=True, text=True, check=False, env=_env(), timeout=60
         )
     except OSError as err:
-        raise BackendError(f"{' '.join(SAVE)}: {err}") from err
+        raise BackendError(f"{' '.join(argv)}: {err}") from err
     if proc.returncode != 0:
-        raise BackendError(f"{' '.join(SAVE)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return parse_save(proc.stdout)
+        raise BackendError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return parse_table(proc.stdout)
+
+
+def flavour(tool):
+    """
+    ``"nft"``, ``"legacy"``, or None (no such tool; "" when it cannot be told):
+    which kernel interface ``tool``'s save command speaks, from the binary it
+    resolves to (xtables-nft-multi, xtables-legacy-multi; CentOS 7's
+    xtables-multi is legacy), without running it.
+    """
+    path = shutil.which(tool.save[0])
+    if not path:
+        return None
+    real = os.path.basename(os.path.realpath(path))
+    if "nft" in real:
+        return "nft"
+    if "legacy" in real or real in ("xtables-multi", f"{tool.command}-multi"):
+        return "legacy"
+    return ""
+
+
+def _may_hold(tool):
+    """
+    Whether ``tool``'s mangle table may hold chains of relayroute's, told
+    without a process: iptables-nft's are chains of nf_tables' table
+    ``mangle`` in the family's nfproto (a netlink dump of chain names);
+    iptables-legacy's table exists only when this network namespace lists it
+    in ``ip6_tables_names``. When unsure: True (read it).
+    """
+    kind = flavour(tool)
+    if kind is None:
+        return False  # no tool: nothing it could have written
+    if kind == "legacy":
+        path = f"/proc/self/task/{threading.get_native_id()}/net/{tool.legacy_tables}"
+        try:
+            with open(path) as handle:
+                return TABLE in handle.read().split()
+        except FileNotFoundError:
+            return False  # the family's x_tables module is not even loaded
+        except OSError:
+            return True
+    if kind == "nft":
+        chains = nft_chains(tool.nfproto)
+        if chains is None:
+            return True
+        prefixes = tuple(owner.chain_prefix for owner in planner.OWNERS.values())
+        return any(table == TABLE and name.startswith(prefixes) for table, name in chains)
+    return True
+
+
+# nfnetlink, as linux/netfilter/nfnetlink.h and nf_tables.h define it.
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETCHAIN = 4
+NFTA_CHAIN_TABLE = 1
+NFTA_CHAIN_NAME = 3
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLM_F_DUMP_INTR = 0x10
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLMSG_HEADER = struct.Struct("=IHHII")
+NFGENMSG = struct.Struct("=BBH")
+NLATTR = struct.Struct("=HH")
+
+
+def nft_chains(nfproto):
+    """
+    ``{(table, chain)}``: the names of every nf_tables chain of family
+    ``nfproto`` in this thread's network namespace, from one netlink dump of
+    chains (no rules are fetched, however many there are). None when it cannot
+    be told (the caller then reads the table the ordinary way). A kernel
+    without nf_tables has none.
+    """
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    except OSError:
+        return None
+    with sock:
+        try:
+            sock.bind((0, 0))
+            kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN
+            header = NLMSG_HEADER.pack(
+                NLMSG_HEADER.size + NFGENMSG.size, kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
+            )
+            sock.send(header + NFGENMSG.pack(nfproto, 0, 0))
+            found = set()
+            while True:
+                data = sock.recv(1 << 20)
+                if not data:
+                    return None
+                done = _chain_messages(data, found)
+                if done is not None:
+                    return found if done else None
+        except OSError:
+            return None
+
+
+def _chain_messages(data, found):
+    """Add the chains of one netlink read to ``found``: True at the end, False on an error."""
+    offset = 0
+    while offset + NLMSG_HEADER.size <= len(data):
+        length, kind, flags, _seq, _pid = NLMSG_HEADER.unpack_from(data, offset)
+        if length < NLMSG_HEADER.size:
+            return False
+        if kind == NLMSG_DONE:
+            return True
+        if kind == NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", data, offset + NLMSG_HEADER.size)
+            # No nf_tables in this kernel: no chains of iptables-nft's either.
+            return code in (0, -errno.EOPNOTSUPP, -errno.EPROTONOSUPPORT, -errno.ENOENT)
+        if flags & NLM_F_DUMP_INTR:
+            return False
+        names = {}
+        at = offset + NLMSG_HEADER.size + NFGENMSG.size
+        end = offset + length
+        while at + NLATTR.size <= end:
+            size, attr = NLATTR.unpack_from(data, at)
+            if size < NLATTR.size:
+                return False
+            value = data[at + NLATTR.size : at + size]
+            names[attr & 0x3FFF] = value.split(b"\0", 1)[0].decode(errors="replace")
+            at += (size + 3) & ~3
+        if NFTA_CHAIN_TABLE in names and NFTA_CHAIN_NAME in names:
+            found.add((names[NFTA_CHAIN_TABLE], names[NFTA_CHAIN_NAME]))
+        offset += (length + 3) & ~3
+    return None
 
 
 def _restore(argv, payload):
@@ -369,21 +728,56 @@ def _restore(argv, payload):
         raise BackendError(f"{' '.join(argv)}: {err}") from err
 
 
-def apply(payload):
-    """
-    Write one transaction (one ``iptables-restore --noflush --wait`` process);
-    all or nothing. Waits up to XTABLES_WAIT seconds for the xtables lock.
-    """
-    argv = (*RESTORE, *WAIT)
-    proc = _restore(argv, payload)
+def _restore_one(tool, text):
+    """One family's transaction (one ``*-restore --noflush --wait`` process): all or nothing."""
+    argv = (*tool.restore, *WAIT)
+    proc = _restore(argv, text)
     if proc.returncode != 0 and _no_wait_option(proc.stderr):
-        argv = RESTORE
-        proc = _restore(argv, payload)
+        argv = tool.restore
+        proc = _restore(argv, text)
     if proc.returncode != 0:
         raise BackendError(
             f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}\n"
-            f"transaction was:\n{payload}"
+            f"transaction was:\n{text}"
         )
+
+
+def apply(payload):
+    """
+    Write a :class:`Transaction`: each family's part with its own tool, IPv4
+    first, each all or nothing (waiting up to XTABLES_WAIT seconds for the
+    xtables lock). When a later part fails, the parts already written are put
+    back to what they were (their ``undo``), and the error names the tool that
+    failed and says whether the others were put back.
+    """
+    if isinstance(payload, str):  # one IPv4 transaction, as before IPv6
+        payload = Transaction(((4, payload),))
+    written = []
+    for version, text in payload.parts:
+        try:
+            _restore_one(TOOLS[version], text)
+        except BackendError as err:
+            if not written:
+                raise
+            raise BackendError(f"{err}\n{_put_back(payload, written)}") from err
+        written.append(version)
+
+
+def _put_back(payload, written):
+    """Undo the parts ``written`` (newest first); a sentence saying what became of them."""
+    names = " and ".join(TOOLS[version].command for version in written)
+    problems = []
+    for version in reversed(written):
+        undo = payload.undo.get(version)
+        if undo is None:
+            continue  # the part only tidied (a duplicate jump): nothing to put back
+        try:
+            _restore_one(TOOLS[version], undo)
+        except BackendError as err:
+            problems.append(str(err))
+    if problems:
+        return f"{names}' part was written and putting it back failed: " + "; ".join(problems)
+    return f"{names}' part, already written, was put back as it was"
 
 
 def _no_wait_option(stderr):

@@ -504,17 +504,18 @@ def restore_commands(plan):
     return ["nft -f - <<'RULES'", *batch.splitlines(), "RULES"]
 
 
-def merge_saved(text, plan):
+def merge_saved(text, plan, version=4):
     """
     The network-scripts mechanism keeps relayroute's chains in
-    ``/etc/sysconfig/iptables`` (iptables.service); nftables tables are not
-    restored from there. Only removing relayroute's part of such a file (a
-    host that used that mechanism before) is done; anything else is refused.
+    ``/etc/sysconfig/iptables`` (iptables.service; ``ip6tables`` for IPv6,
+    ``version`` 6); nftables tables are not restored from there. Only removing
+    relayroute's part of such a file (a host that used that mechanism before)
+    is done; anything else is refused.
     """
     if not plan.chains:
         from . import iptables  # pylint: disable=import-outside-toplevel
 
-        return iptables.merge_saved(text, plan)
+        return iptables.merge_saved(text, plan, version)
     raise ValueError(
         "persist:mechanism: 'network-scripts' restores the packet filter from "
         "/etc/sysconfig/iptables, which the nftables backend does not write; use "

@@ -126,9 +126,9 @@ def test_clearing_removes_the_owners_part_alone_and_reports_it_under_the_old_bac
     todo, changes = engine.clearing(planner.RELAY, [(iptables, ruleset)])
     ((backend, seen, payload),) = todo
     assert (backend, seen) == (iptables, ruleset)
-    assert "-D PREROUTING -j RELAYROUTE-RELAY-PRE" in payload
-    assert "-X RELAYROUTE-RELAY-PRE" in payload
-    assert "DOCKER" not in payload
+    assert "-D PREROUTING -j RELAYROUTE-RELAY-PRE" in payload.text(4)
+    assert "-X RELAYROUTE-RELAY-PRE" in payload.text(4)
+    assert "DOCKER" not in str(payload)
     assert changes == {
         "iptables": {"old": iptables.owned_lines(ruleset, "RELAYROUTE-RELAY-"), "new": []}
     }

@@ -121,7 +121,8 @@ def test_parse_save_keeps_order_and_chains():
 def test_first_transaction_names_only_relayroute_chains():
     relay = planner.relay_plan(seed_spec())
     payload = iptables.transaction(relay, iptables.parse_save(FOREIGN_SAVE))
-    lines = payload.splitlines()
+    assert [version for version, _text in payload.parts] == [4]  # an IPv4-only plan
+    lines = payload.text(4).splitlines()
     assert lines[0] == "*mangle"
     assert lines[-1] == "COMMIT"
     assert ":RELAYROUTE-RELAY-PRE - [0:0]" in lines
@@ -150,7 +151,7 @@ def test_changed_chain_is_rewritten_whole_and_duplicate_jump_removed():
         "-A PREROUTING -j RELAYROUTE-RELAY-PRE\n-A PREROUTING -j RELAYROUTE-RELAY-PRE\n"
         "-A PREROUTING -j DOCKER-LIKE\n-A OUTPUT -j RELAYROUTE-RELAY-OUT",
     )
-    lines = iptables.transaction(relay, iptables.parse_save(text)).splitlines()
+    lines = iptables.transaction(relay, iptables.parse_save(text)).text(4).splitlines()
     assert ":RELAYROUTE-RELAY-PRE - [0:0]" in lines
     assert ":RELAYROUTE-RELAY-OUT - [0:0]" not in lines  # unchanged chain untouched
     assert lines.count("-D PREROUTING -j RELAYROUTE-RELAY-PRE") == 1
@@ -165,9 +166,11 @@ def test_removal_transaction_deletes_jumps_before_chains():
         "-A PREROUTING -j RELAYROUTE-RELAY-PRE\n-A PREROUTING -j DOCKER-LIKE\n"
         "-A OUTPUT -j RELAYROUTE-RELAY-OUT",
     )
-    lines = iptables.transaction(
-        planner.empty_plan(planner.RELAY), iptables.parse_save(text)
-    ).splitlines()
+    lines = (
+        iptables.transaction(planner.empty_plan(planner.RELAY), iptables.parse_save(text))
+        .text(4)
+        .splitlines()
+    )
     assert lines.index("-D PREROUTING -j RELAYROUTE-RELAY-PRE") < lines.index(
         "-X RELAYROUTE-RELAY-PRE"
     )
