@@ -49,10 +49,11 @@ def lose_runtime_state(ns, tables, filter_tables=("mangle",)):
 STATEFUL_DROP = "stateful: conntrack INVALID"
 
 
-def make_stateful(router):
+def make_stateful(router, tool="iptables"):
     """
     Make ``router`` a stateful firewall: it forwards only packets of connections
-    it saw begin, and drops (counting them) the conntrack INVALID ones.
+    it saw begin, and drops (counting them) the conntrack INVALID ones, in the
+    family of ``tool`` (``ip6tables``: IPv6's).
 
     With the kernel's default ``nf_conntrack_tcp_loose = 1`` conntrack picks a
     connection up mid-stream from any packet, as ESTABLISHED: a reply that takes
@@ -63,7 +64,7 @@ def make_stateful(router):
     """
     router.exec(
         [
-            "iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID",
+            tool, "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID",
             "-m", "comment", "--comment", STATEFUL_DROP, "-j", "DROP",
         ]
     )  # fmt: skip
@@ -73,28 +74,28 @@ def make_stateful(router):
         raise RuntimeError(f"{router.name}: nf_conntrack_tcp_loose is {loose!r}, not 0")
 
 
-def count_forwarded(router, name, match):
+def count_forwarded(router, name, match, tool="iptables"):
     """
     Count, without deciding anything, the packets ``router`` forwards that
-    match ``match`` (iptables match arguments), under the comment ``name``.
+    match ``match`` (``tool``'s match arguments), under the comment ``name``.
     """
     router.exec(
-        ["iptables", "-I", "FORWARD", "1", *shlex.split(match), "-m", "comment", "--comment", name]
+        [tool, "-I", "FORWARD", "1", *shlex.split(match), "-m", "comment", "--comment", name]
     )
 
 
-def forwarded(router, name):
+def forwarded(router, name, tool="iptables"):
     """Packets counted so far by ``router``'s FORWARD rule commented ``name``."""
-    listing = router.exec("iptables -t filter -L FORWARD -n -v -x").stdout
+    listing = router.exec(f"{tool} -t filter -L FORWARD -n -v -x").stdout
     for line in listing.splitlines():
         if f"/* {name} */" in line:
             return int(line.split()[0])
     raise LookupError(f"{router.name}: no FORWARD rule commented {name!r}:\n{listing}")
 
 
-def dropped(router):
+def dropped(router, tool="iptables"):
     """Packets a stateful router (see ``make_stateful``) dropped as conntrack INVALID."""
-    return forwarded(router, STATEFUL_DROP)
+    return forwarded(router, STATEFUL_DROP, tool)
 
 
 def uplinks(client, inet, gw, proxy, client_addresses):

@@ -1,4 +1,7 @@
-"""A tiny TCP service and clients run inside namespaces, for traffic tests."""
+"""
+A tiny TCP service and clients run inside namespaces, for traffic tests; an
+address with a colon makes an IPv6 socket.
+"""
 
 import contextlib
 import queue
@@ -17,7 +20,7 @@ NEGATIVE_TIMEOUT = 12.0
 SERVER = textwrap.dedent(
     """
     import socket, sys, threading
-    srv = socket.socket()
+    srv = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((sys.argv[1], int(sys.argv[2])))
     srv.listen(64)
@@ -38,7 +41,7 @@ SERVER = textwrap.dedent(
 CLIENT = textwrap.dedent(
     """
     import socket, sys
-    s = socket.socket()
+    s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
     s.settimeout(float(sys.argv[4]))
     s.bind((sys.argv[3], 0))
     try:
@@ -77,7 +80,7 @@ def connect(ns, address, port, source, timeout=NEGATIVE_TIMEOUT):
 HELD = textwrap.dedent(
     """
     import socket, sys
-    s = socket.socket()
+    s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
     s.settimeout(float(sys.argv[4]))
     s.bind((sys.argv[3], 0))
     s.connect((sys.argv[1], int(sys.argv[2])))
@@ -151,7 +154,7 @@ class HeldSession:
 TICKER = textwrap.dedent(
     """
     import select, socket, sys, time
-    s = socket.socket()
+    s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
     s.settimeout(float(sys.argv[5]))
     s.bind((sys.argv[3], 0))
     s.connect((sys.argv[1], int(sys.argv[2])))

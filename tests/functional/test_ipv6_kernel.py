@@ -1,0 +1,317 @@
+"""
+IPv6 end to end on the real kernel: a dual-stack relay whose proxy has an
+address in each family and no MAC in its inputs (relayroute discovers it
+through the IPv4 and the IPv6 neighbour tables), routes and rules in both
+families, the kernel's own lookups, a no-op re-apply, a removal that leaves
+other tools' IPv6 rules and routes alone, and IPv6 TCP traffic answered by
+the way it came (the reply-path hosts of test_reply_path with an IPv6 layer):
+
+    client 2001:db8:203::10 (direct)  --+                +-- gw (stateful)  --+
+    client 2001:db8:203::20 (proxied) --+-- inet router -+                    +-- LAN -- relay
+                                                         +-- proxy (router) --+
+
+Addresses never wait for duplicate address detection (``nodad``, and
+``accept_dad = 0`` before any link exists): a tentative address cannot be
+bound or used as a source.
+"""
+
+import pytest
+
+from tests.support.hosts import (
+    DIRECT,
+    PROXIED,
+    RELAY,
+    dropped,
+    internet,
+    make_stateful,
+    relay_lan,
+)
+from tests.support.netns import mac_of, veth
+from tests.support.tcp import connect, start_server
+
+pytestmark = pytest.mark.root
+
+LAN6 = "2001:db8:2::/64"
+GATEWAY6, PROXY6, RELAY6 = "2001:db8:2::1", "2001:db8:2::2", "2001:db8:2::11"
+DIRECT6, PROXIED6 = "2001:db8:203::10", "2001:db8:203::20"
+MARK, TABLE, PRIORITY = 254, 1000254, 1000
+RULE = f"{PRIORITY}:\tfrom all fwmark 0xfe/0xff lookup {TABLE} proto 210"
+# Another tool's IPv6 policy routing (a VPN's), which relayroute must leave alone.
+FOREIGN_RULE6 = "900:\tfrom all fwmark 0x10000/0xff0000 lookup 51820"
+
+
+def _iptables_renders_ipv6():
+    """Whether the iptables backend renders ip6tables (issue 11's backend work)."""
+    from relayroute_core import iptables
+
+    return 6 in getattr(iptables, "TOOLS", {})
+
+
+BACKENDS = [
+    "nftables",
+    pytest.param(
+        "iptables",
+        marks=pytest.mark.skipif(
+            not _iptables_renders_ipv6(),
+            reason="the iptables backend does not render ip6tables yet (issue 11's backend part)",
+        ),
+    ),
+]
+
+
+def no_dad(*hosts):
+    """New links of ``hosts`` get no duplicate address detection (set before they exist)."""
+    for host in hosts:
+        for key in ("all", "default"):
+            host.sysctl(f"net.ipv6.conf.{key}.accept_dad", 0)
+
+
+def add6(host, address, dev):
+    host.ip(f"-6 addr add {address} dev {dev} nodad")
+
+
+def dual_args(backend, proxy_address=("192.0.2.2", PROXY6), **changes):
+    proxy = {
+        "address": list(proxy_address),
+        "mark": MARK,
+        "table": TABLE,
+        "priority": PRIORITY,
+        **changes,
+    }
+    return {
+        "lan_networks": ["192.0.2.0/24", LAN6],
+        "mark_mask": 0xFF,
+        "proxies": {"master-relay": proxy},
+        "backend": backend,
+    }
+
+
+@pytest.fixture
+def dual(make_netns):
+    """
+    A dual-stack relay on a bridged LAN: the proxy holds 192.0.2.2 and
+    2001:db8:2::2, the default gateway 192.0.2.1 and 2001:db8:2::1 (each in a
+    namespace of its own, the gateway with its own NIC).
+    """
+    lan, relay, proxy, gw = (make_netns(name) for name in ("lan", "relay", "proxy", "gw"))
+    no_dad(lan, relay, proxy, gw)
+    lan.ip("link add br0 type bridge")
+    lan.ip("link set br0 up")
+    for host, port in ((relay, "l-relay"), (proxy, "l-px"), (gw, "l-gw")):
+        veth(host, "eth0", lan, port)
+        lan.ip(f"link set {port} master br0")
+    relay.ip(f"addr add {RELAY}/24 dev eth0")
+    add6(relay, f"{RELAY6}/64", "eth0")
+    proxy.ip("addr add 192.0.2.2/24 dev eth0")
+    add6(proxy, f"{PROXY6}/64", "eth0")
+    gw.ip("addr add 192.0.2.1/24 dev eth0")
+    add6(gw, f"{GATEWAY6}/64", "eth0")
+    relay.ip("route add default via 192.0.2.1")
+    relay.ip(f"-6 route add default via {GATEWAY6}")
+    return {"relay": relay, "proxy": proxy, "gw": gw, "lan": lan}
+
+
+def relayroute(loaders, ns, function, **kwargs):
+    with ns.entered():
+        return getattr(loaders.modules.relayroute, function)(**kwargs)
+
+
+def neighbour(ns, address):
+    """The MAC of ``address``'s entry in ``ns``'s neighbour table of its family (None: none)."""
+    words = ns.exec(f"ip neigh show to {address}").stdout.split()
+    return words[words.index("lladdr") + 1] if "lladdr" in words else None
+
+
+def ours(ns, flag):
+    """relayroute's rules and routes of one family (``-4``/``-6``), as ip prints them."""
+    rules = [
+        line for line in ns.exec(f"ip {flag} rule show").stdout.splitlines() if "proto 21" in line
+    ]
+    routes = ns.exec(f"ip {flag} route show table all proto 210").stdout.splitlines()
+    return rules + routes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dual_stack_relay_state_lookups_noop_and_removal(loaders, dual, backend):
+    relay = dual["relay"]
+    relay.ip("-6 route add default via 2001:db8:2::1 table 51820")
+    relay.ip("-6 rule add priority 900 fwmark 0x10000/0xff0000 lookup 51820")
+    # Another tool's IPv4 rule at relayroute's priority would conflict in IPv4
+    # only: an IPv6-only proxy takes that priority in IPv6 beside it.
+    ret = relayroute(loaders, relay, "relay_apply", **dual_args(backend))
+    assert set(ret["changes"]) >= {"routes", "rules", backend}, ret
+    mac = mac_of(dual["proxy"], "eth0")
+
+    # Discovered through both neighbour tables (the proxy answered ARP and NS).
+    assert neighbour(relay, "192.0.2.2") == mac
+    assert neighbour(relay, PROXY6) == mac
+    marked = relayroute(loaders, relay, "marked_macs", backend=backend)
+    assert marked == {MARK: [mac]}
+
+    assert RULE in relay.exec("ip -6 rule show").stdout
+    assert RULE in relay.exec("ip -4 rule show").stdout
+    table6 = relay.exec(f"ip -6 route show table {TABLE}").stdout.strip()
+    assert table6.startswith(f"default via {PROXY6} dev eth0 proto 210"), table6
+    table4 = relay.exec(f"ip -4 route show table {TABLE}").stdout.strip()
+    assert table4 == "default via 192.0.2.2 dev eth0 proto 210"
+
+    # The kernel's own lookups, both families: marked via the proxy from its
+    # table (also from the relay's own address), unmarked via the main table.
+    marked6 = relay.exec("ip -6 route get 2001:db8:ffff:ffff::fe mark 0xfe").stdout
+    assert f"via {PROXY6}" in marked6, marked6
+    assert f"table {TABLE}" in marked6, marked6
+    from_own = relay.exec(f"ip -6 route get 2001:db8:ffff:ffff::fe from {RELAY6} mark 0xfe").stdout
+    assert f"via {PROXY6}" in from_own, from_own
+    unmarked6 = relay.exec("ip -6 route get 2001:db8:ffff:ffff::fe").stdout
+    assert f"via {GATEWAY6}" in unmarked6, unmarked6
+    args = dual_args(backend)
+    check_args = {key: args[key] for key in ("lan_networks", "mark_mask", "proxies", "backend")}
+    verdict = relayroute(loaders, relay, "check", retcode=False, **check_args)
+    assert verdict["ok"], verdict
+    # Per family: the proxy's lookup, from the relay's own address, and unmarked.
+    assert verdict["summary"].endswith("1 proxies, 2 table routes, 6 route lookups as planned")
+
+    # A re-apply is a no-op.
+    again = relayroute(loaders, relay, "relay_apply", **dual_args(backend))
+    assert again == {"changes": {}}
+
+    shown = relayroute(loaders, relay, "show", role="relay", backend=backend)["relay"]
+    assert shown["rules"] == [
+        f"{PRIORITY}: from all fwmark 0xfe/0xff lookup {TABLE} proto 210",
+        f"ipv6 {PRIORITY}: from all fwmark 0xfe/0xff lookup {TABLE} proto 210",
+    ]
+
+    before_foreign = relay.exec("ip -6 route show table 51820").stdout
+    removed = relayroute(loaders, relay, "relay_remove", backend=backend)
+    assert set(removed["changes"]) >= {"routes", "rules"}
+    assert ours(relay, "-4") == []
+    assert ours(relay, "-6") == []
+    assert FOREIGN_RULE6 in relay.exec("ip -6 rule show").stdout
+    assert relay.exec("ip -6 route show table 51820").stdout == before_foreign != ""
+    assert relayroute(loaders, relay, "marked_macs", backend=backend) == {}
+
+
+def test_an_ipv6_only_proxy_shares_a_priority_with_another_tools_ipv4_rule(loaders, dual):
+    relay = dual["relay"]
+    relay.ip("route add default via 192.0.2.1 table 51820")
+    relay.ip(f"rule add priority {PRIORITY} fwmark 0x10000/0xff0000 lookup 51820")
+    args = dual_args("nftables", proxy_address=(PROXY6,))
+    ret = relayroute(loaders, relay, "relay_apply", **args)
+    assert "rules" in ret["changes"], ret
+    assert RULE in relay.exec("ip -6 rule show").stdout
+    assert RULE not in relay.exec("ip -4 rule show").stdout
+    # The same priority in IPv4 is the other tool's: refused, nothing changed.
+    before = relay.snapshot()
+    with pytest.raises(Exception, match=f"priority {PRIORITY} is already used by another tool"):
+        relayroute(loaders, relay, "relay_apply", **dual_args("nftables"))
+    assert relay.snapshot() == before
+    relayroute(loaders, relay, "relay_remove", backend="nftables")
+    assert ours(relay, "-6") == []
+    assert (
+        f"{PRIORITY}:\tfrom all fwmark 0x10000/0xff0000 lookup 51820"
+        in relay.exec("ip -4 rule show").stdout
+    )
+
+
+def test_each_familys_neighbour_table_is_asked(loaders, dual, make_netns):
+    """
+    A proxy whose IPv6 address answers from another NIC than its IPv4 one
+    (both are marked): the MAC came from the IPv6 neighbour table, solicited
+    since the relay had never talked to that address.
+    """
+    relay, proxy = dual["relay"], dual["proxy"]
+    other = make_netns("proxy6")
+    no_dad(other)
+    proxy.ip(f"-6 addr del {PROXY6}/64 dev eth0")
+    veth(other, "eth0", dual["lan"], "l-px6")
+    dual["lan"].ip("link set l-px6 master br0")
+    add6(other, f"{PROXY6}/64", "eth0")
+    ret = relayroute(loaders, relay, "relay_apply", **dual_args("nftables"))
+    assert "rules" in ret["changes"]
+    macs = sorted([mac_of(proxy, "eth0"), mac_of(other, "eth0")])
+    marked = relayroute(loaders, relay, "marked_macs", backend="nftables")
+    assert {mark: sorted(found) for mark, found in marked.items()} == {MARK: macs}
+    relayroute(loaders, relay, "relay_remove", backend="nftables")
+
+
+@pytest.fixture
+def net6(make_netns):
+    """
+    test_reply_path's hosts (``hosts.internet``, ``hosts.relay_lan``), dual
+    stack: the same links carry IPv6 too, with IPv6 clients behind the inet
+    router (the proxied one routed through the proxy), both routers stateful
+    in IPv6 as well, and a server on the relay's IPv6 address.
+    """
+    client, inet, gw, proxy, lan, relay = (
+        make_netns(name) for name in ("client", "inet", "gw", "proxy", "lan", "relay")
+    )
+    no_dad(client, inet, gw, proxy, lan, relay)
+    internet(client, inet, gw, proxy, DIRECT, PROXIED)
+    relay_lan(lan, gw, proxy, relay)
+    relay.ip("route add default via 192.0.2.1")
+    # The internet side: client -- inet -- gw / proxy.
+    for address in (DIRECT6, PROXIED6):
+        add6(client, f"{address}/64", "eth0")
+    client.ip("-6 route add default via 2001:db8:203::1")
+    add6(inet, "2001:db8:203::1/64", "c0")
+    add6(inet, "2001:db8:51::1/64", "g0")
+    add6(gw, "2001:db8:51::2/64", "up0")
+    add6(inet, "2001:db8:52::1/64", "p0")
+    add6(proxy, "2001:db8:52::2/64", "up0")
+    inet.ip(f"-6 route add {LAN6} via 2001:db8:51::2")
+    inet.ip("-6 route add default via 2001:db8:52::2 table 100")
+    inet.ip(f"-6 rule add priority 100 from {PROXIED6} lookup 100")
+    for router, uplink in ((gw, "2001:db8:51::1"), (proxy, "2001:db8:52::1")):
+        router.ip(f"-6 route add default via {uplink}")
+        make_stateful(router, "ip6tables")
+    for host in (inet, gw, proxy):
+        host.sysctl("net.ipv6.conf.all.forwarding", 1)
+    # The LAN.
+    add6(gw, f"{GATEWAY6}/64", "lan0")
+    add6(proxy, f"{PROXY6}/64", "lan0")
+    add6(relay, f"{RELAY6}/64", "lan0")
+    relay.ip(f"-6 route add default via {GATEWAY6}")
+    start_server(relay, RELAY, 25)
+    start_server(relay, RELAY6, 25)
+    return {"client": client, "relay": relay, "proxy": proxy, "gw": gw}
+
+
+def test_without_relayroute_the_ipv6_proxied_path_fails(net6):
+    client, gw = net6["client"], net6["gw"]
+    assert connect(client, RELAY6, 25, DIRECT6) == f"220 hello {DIRECT6}"
+    assert dropped(gw, "ip6tables") == 0
+    # The relay answers the proxied client through the gateway, which never
+    # saw the connection begin: it drops the SYN-ACKs.
+    assert connect(client, RELAY6, 25, PROXIED6) is None
+    assert dropped(gw, "ip6tables") > 0
+    # Positive control: the same probe answers once replies go via the proxy.
+    net6["relay"].ip(f"-6 route replace default via {PROXY6}")
+    assert connect(client, RELAY6, 25, PROXIED6) == f"220 hello {PROXIED6}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ipv6_connections_are_answered_by_the_way_they_came(loaders, net6, backend):
+    client, relay = net6["client"], net6["relay"]
+    args = dual_args(backend)
+    args["lan_networks"] = ["192.0.2.0/24", LAN6]
+    ret = relayroute(loaders, relay, "relay_apply", **args)
+    assert "rules" in ret["changes"], ret
+    assert connect(client, RELAY6, 25, DIRECT6) == f"220 hello {DIRECT6}"
+    assert connect(client, RELAY6, 25, PROXIED6) == f"220 hello {PROXIED6}"
+    # IPv4 beside it, through the same proxy and gateway.
+    assert connect(client, RELAY, 25, DIRECT) == f"220 hello {DIRECT}"
+    assert connect(client, RELAY, 25, PROXIED) == f"220 hello {PROXIED}"
+    assert dropped(net6["gw"], "ip6tables") == dropped(net6["proxy"], "ip6tables") == 0
+    assert dropped(net6["gw"]) == dropped(net6["proxy"]) == 0
+    flows = relayroute(loaders, relay, "flows", mark_mask=0xFF, port=25)
+    by_source = {line.split("src=")[1].split()[0]: line for line in flows}
+    assert by_source[PROXIED6].endswith(f"mark={MARK}"), flows
+    assert by_source[DIRECT6].endswith("mark=0"), flows
+    assert by_source[PROXIED].endswith(f"mark={MARK}"), flows
+    assert by_source[DIRECT].endswith("mark=0"), flows
+    # The same view as conntrack's own.
+    listing = relay.exec("conntrack -L -f ipv6 -p tcp --dport 25").stdout.splitlines()
+    assert any(f"src={PROXIED6}" in line and f"mark={MARK}" in line for line in listing)
+    assert any(f"src={DIRECT6}" in line and "mark=0" in line for line in listing)
+    relayroute(loaders, relay, "relay_remove", backend=backend)
+    assert ours(relay, "-6") == []
