@@ -1,0 +1,319 @@
+"""
+IPv6 through each packet-filter backend on the real kernel: a relay with a
+dual-stack proxy, applied through Salt's loaders, then real IPv6 traffic.
+
+    client 2001:db8:203::10 (direct)  -- gw (stateful, IPv6) --+
+    client 2001:db8:203::20 (proxied) -- proxy (forwards)  ----+-- LAN 2001:db8:2::/64 -- relay
+
+- TCP from the proxy's MAC gets the proxy's mark in conntrack, direct TCP 0,
+  and the proxied client is answered through the proxy (the gateway, which
+  never saw the connection begin, would drop the replies);
+- neighbour discovery (a DAD solicitation from ``::``, which no source
+  network returns) and link-local traffic (an echo to the relay's fe80::
+  address) are never marked: an observer table that runs after relayroute's
+  chains counts those packets and those of them carrying relayroute's bits;
+- a second apply is a no-op; removal leaves nothing in ip6tables or nft,
+  while another tool's ip6tables mangle rules and another nft table stay.
+"""
+
+import re
+import textwrap
+
+import pytest
+
+from tests.support.hosts import make_stateful
+from tests.support.netns import mac_of, veth
+from tests.support.tcp import connect, start_server
+
+pytestmark = pytest.mark.root
+
+BACKENDS = ["iptables", "nftables"]
+RELAY6, PROXY6, GW6 = "2001:db8:2::11", "2001:db8:2::2", "2001:db8:2::1"
+DIRECT6, PROXIED6 = "2001:db8:203::10", "2001:db8:203::20"
+MARK = 254
+
+# Another tool's IPv6 mangle state, bits 0xff0000 of the mark; never matches the test's traffic.
+FOREIGN_MANGLE6 = """\
+*mangle
+:OTHER-V6 - [0:0]
+-A PREROUTING -j OTHER-V6
+-A OTHER-V6 -s 2001:db8:9::/48 -j MARK --set-xmark 0x10000/0xff0000
+COMMIT
+"""
+# Another nft table, which also observes: it runs after relayroute's chains
+# (priority mangle + 10) and counts ND and link-local packets, and those of
+# them that carry relayroute's bits of the mark.
+ND = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect"
+OBSERVER = textwrap.dedent(
+    f"""\
+    table inet observer {{
+        chain pre {{
+            type filter hook prerouting priority mangle + 10; policy accept;
+            icmpv6 type {{ {ND} }} counter comment "nd seen"
+            icmpv6 type {{ {ND} }} meta mark & 0xff != 0 counter comment "nd marked"
+            ip6 saddr fe80::/10 counter comment "link-local seen"
+            ip6 saddr fe80::/10 meta mark & 0xff != 0 counter comment "link-local marked"
+        }}
+    }}
+    """
+)
+
+# An ICMPv6 echo to a link-local address, answered or not (no ping on the host).
+ECHO = """
+import socket, struct, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.settimeout(5)
+s.sendto(struct.pack("!BBHHH", 128, 0, 0, 0x1234, 1) + b"relayroute", (sys.argv[1], 0, 0,
+         socket.if_nametoindex(sys.argv[2])))
+while True:
+    data, peer = s.recvfrom(1500)
+    if data[0] == 129:
+        print("reply from", peer[0])
+        break
+"""
+
+
+@pytest.fixture
+def net6(make_netns):
+    """The hosts above; the LAN also carries IPv4 (192.0.2.0/24), as a dual-stack relay's does."""
+    client, gw, proxy, lan, relay = (
+        make_netns(name) for name in ("client", "gw", "proxy", "lan", "relay")
+    )
+    lan.ip("link add br0 type bridge mcast_snooping 0")
+    lan.ip("link set br0 up")
+    for host, port, v4, v6 in (
+        (gw, "l-gw", "192.0.2.1", GW6),
+        (proxy, "l-px", "192.0.2.2", PROXY6),
+        (relay, "l-relay", "192.0.2.11", RELAY6),
+    ):
+        veth(host, "lan0", lan, port)
+        lan.ip(f"link set {port} master br0")
+        host.ip(f"addr add {v4}/24 dev lan0")
+        host.ip(f"addr add {v6}/64 dev lan0 nodad")
+    # The client's two addresses, each reaching the LAN its own way.
+    for address in (DIRECT6, PROXIED6):
+        client.ip(f"addr add {address}/128 dev lo")
+    for router, link, net in ((gw, "c-gw", "2001:db8:51"), (proxy, "c-px", "2001:db8:52")):
+        veth(client, link, router, "up0")
+        client.ip(f"addr add {net}::2/64 dev {link} nodad")
+        router.ip(f"addr add {net}::1/64 dev up0 nodad")
+        router.ip(f"route add 2001:db8:203::/64 via {net}::2")
+        router.sysctl("net.ipv6.conf.all.forwarding", 1)
+    client.ip("route add 2001:db8:2::/64 via 2001:db8:51::1")
+    client.ip("route add 2001:db8:2::/64 via 2001:db8:52::1 table 100")
+    client.ip(f"-6 rule add priority 100 from {PROXIED6} lookup 100")
+    make_stateful(gw, "ip6tables")
+    relay.ip(f"route add default via {GW6}")
+    relay.ip("route add default via 192.0.2.1")
+    for host in (client, gw, proxy, relay):
+        link_local_ready(host)
+    start_server(relay, RELAY6, 25)
+    return {"client": client, "gw": gw, "proxy": proxy, "relay": relay}
+
+
+def link_local_ready(host):
+    """Wait until no address of ``host`` is tentative (its link-local ones do DAD)."""
+    host.exec(
+        [
+            "sh", "-c",
+            "for i in $(seq 100); do ip -6 addr show tentative | grep -q inet6 || exit 0; "
+            "sleep 0.1; done; exit 1",
+        ]
+    )  # fmt: skip
+
+
+def relay_args(net, backend):
+    proxy = {
+        "address": ["192.0.2.2", PROXY6],
+        "mac": mac_of(net["proxy"], "lan0"),
+        "mark": MARK,
+        "table": 1000254,
+        "priority": 1000,
+    }
+    return {
+        "backend": backend,
+        "lan_networks": ["192.0.2.0/24", "2001:db8:2::/64"],
+        "mark_mask": 0xFF,
+        "proxies": {"master-relay": proxy},
+    }
+
+
+COUNTER = r'counter packets (\d+) bytes \d+ comment "([^"]+)"'
+
+
+def observed(relay):
+    text = relay.exec("nft list table inet observer").stdout
+    return {comment: int(packets) for packets, comment in re.findall(COUNTER, text)}
+
+
+def flows(relay, protocol):
+    return relay.exec(f"conntrack -L -f ipv6 -p {protocol}", check=False).stdout.splitlines()
+
+
+def link_local(ns, dev="lan0"):
+    text = ns.exec(f"ip -6 -o addr show dev {dev} scope link").stdout
+    return text.split("inet6 ")[1].split("/")[0]
+
+
+def ours(relay):
+    """relayroute's part of the packet filter: ip6tables' and iptables' lines, nft's table."""
+    v6 = relay.exec("ip6tables-save -t mangle").stdout
+    v4 = relay.exec("iptables-save -t mangle").stdout
+    table = relay.exec("nft list table inet relayroute_relay", check=False)
+    return {
+        "ip6tables": [line for line in v6.splitlines() if "RELAYROUTE" in line],
+        "iptables": [line for line in v4.splitlines() if "RELAYROUTE" in line],
+        "nft": table.stdout if table.returncode == 0 else None,
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ipv6_traffic_is_marked_by_the_proxys_mac_alone(loaders, net6, backend):
+    client, relay, proxy = net6["client"], net6["relay"], net6["proxy"]
+    relay.exec(["ip6tables-restore", "--noflush"], input=FOREIGN_MANGLE6)
+    relay.exec(["nft", "-f", "-"], input=OBSERVER)
+    foreign = relay.exec("ip6tables-save -t mangle").stdout
+    foreign_lines = [line for line in foreign.splitlines() if "OTHER-V6" in line]
+    # Control: without relayroute the stateful gateway drops the proxied client's replies.
+    assert connect(client, RELAY6, 25, PROXIED6, timeout=4) is None
+
+    with relay.entered():
+        ret = loaders.states.relayroute.relay_present(name="r", **relay_args(net6, backend))
+    assert ret.result is True, ret.comment
+    held = ours(relay)
+    if backend == "iptables":
+        assert "-A PREROUTING -j RELAYROUTE-RELAY-PRE" in held["ip6tables"]
+        assert "-A RELAYROUTE-RELAY-PRE -s fe80::/10 -j RETURN" in held["ip6tables"]
+        assert "-A PREROUTING -j RELAYROUTE-RELAY-PRE" in held["iptables"]
+        assert "ip6tables: -A PREROUTING -j RELAYROUTE-RELAY-PRE" in ret.changes["iptables"]["new"]
+        assert held["nft"] is None
+    else:
+        assert "ip6 saddr 2001:db8:2::/64 return" in held["nft"]
+        assert "icmpv6 type {" in held["nft"]
+        assert held["ip6tables"] == held["iptables"] == []
+
+    # Real IPv6 TCP: direct through the gateway, proxied through the proxy.
+    assert connect(client, RELAY6, 25, DIRECT6) == f"220 hello {DIRECT6}"
+    assert connect(client, RELAY6, 25, PROXIED6) == f"220 hello {PROXIED6}"
+    tcp = flows(relay, "tcp")
+    assert any(f"src={PROXIED6}" in line and f"mark={MARK}" in line for line in tcp), tcp
+    assert any(f"src={DIRECT6}" in line and "mark=0" in line for line in tcp), tcp
+
+    # Link-local: an echo from the proxy (its MAC) to the relay's fe80:: address.
+    before = observed(relay)
+    target = link_local(relay)
+    answer = proxy.exec(["python3", "-c", ECHO, target, "lan0"], timeout=30).stdout
+    assert answer.startswith(f"reply from {target}"), answer
+    echo = [line for line in flows(relay, "icmpv6") if "src=fe80::" in line]
+    assert echo, flows(relay, "icmpv6")
+    assert all("mark=0" in line for line in echo), echo
+    # Neighbour discovery from the proxy's MAC with a source no network returns:
+    # the DAD solicitation (from ::) of a new address.
+    proxy.ip("addr add 2001:db8:2::99/64 dev lan0")
+    link_local_ready(proxy)
+    after = observed(relay)
+    assert after["nd seen"] > before["nd seen"], after
+    assert after["link-local seen"] > before["link-local seen"], after
+    assert after["nd marked"] == 0, after
+    assert after["link-local marked"] == 0, after
+
+    # A second apply changes nothing, on either family.
+    with relay.entered():
+        again = loaders.states.relayroute.relay_present(name="r", **relay_args(net6, backend))
+    assert again.result is True, again.comment
+    assert again.changes == {}
+
+    # Removal: nothing of relayroute's in either tool or in nft; others' state stays.
+    with relay.entered():
+        gone = loaders.states.relayroute.relay_absent(name="r", backend=backend)
+    assert gone.result is True, gone.comment
+    assert ours(relay) == {"ip6tables": [], "iptables": [], "nft": None}
+    after_removal = relay.exec("ip6tables-save -t mangle").stdout
+    assert [line for line in after_removal.splitlines() if "OTHER-V6" in line] == foreign_lines
+    assert "table inet observer" in relay.exec("nft list tables").stdout
+    assert relay.exec("ip -6 rule show").stdout.count("lookup 1000254") == 0
+
+
+# A transparent IPv6 listener (IPV6_TRANSPARENT, as HAProxy's ``bind ... transparent``
+# on an IPv6 VIP) on an address the host does not have, or on the wildcard.
+TRANSPARENT_SERVER6 = textwrap.dedent(
+    """
+    import socket, sys
+    srv = socket.socket(socket.AF_INET6)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.setsockopt(socket.IPPROTO_IPV6, 75, 1)  # IPV6_TRANSPARENT
+    srv.bind((sys.argv[1], int(sys.argv[2])))
+    srv.listen(16)
+    print("ready", flush=True)
+    while True:
+        conn, peer = srv.accept()
+        conn.sendall(b"220 diverted " + peer[0].encode() + b"\\r\\n")
+        conn.close()
+    """
+)
+VIP6, CLIENT6 = "2001:db8:100::25", "2001:db8:203::10"
+# Counts the proxy's TCP packets to the VIP carrying the divert mark, after relayroute's chains.
+DIVERT_OBSERVER = """\
+table inet observer {
+    chain pre {
+        type filter hook prerouting priority mangle + 10; policy accept;
+        ip6 daddr 2001:db8:100::25 tcp dport 25 meta mark & 0xff == 0x1 \
+            counter comment "divert marked"
+        ip6 daddr 2001:db8:100::25 tcp dport 2525 meta mark & 0xff == 0x1 \
+            counter comment "wildcard marked"
+    }
+}
+"""
+
+
+def transparent_server6(ns, address, port):
+    proc = ns.popen(
+        ["python3", "-u", "-c", TRANSPARENT_SERVER6, address, str(port)], stdout=-1, text=True
+    )
+    assert proc.stdout.readline().strip() == "ready"
+
+
+@pytest.fixture
+def proxy_net6(make_netns):
+    """A client routed through the proxy; the IPv6 VIP is on no host; the proxy does not forward."""
+    client, proxy = make_netns("client"), make_netns("proxy")
+    veth(client, "eth0", proxy, "eth0")
+    client.ip(f"addr add {CLIENT6}/64 dev eth0 nodad")
+    client.ip("route add default via 2001:db8:203::1")
+    proxy.ip("addr add 2001:db8:203::1/64 dev eth0 nodad")
+    proxy.sysctl("net.ipv6.conf.all.forwarding", 0)
+    for host in (client, proxy):
+        link_local_ready(host)
+    transparent_server6(proxy, VIP6, 25)  # HAProxy's transparent frontend on the IPv6 VIP
+    transparent_server6(proxy, "::", 2525)  # a transparent socket on the wildcard
+    proxy.exec(["nft", "-f", "-"], input=DIVERT_OBSERVER)
+    return {"client": client, "proxy": proxy}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_ipv6_vip_is_diverted_to_its_transparent_listener(loaders, proxy_net6, backend):
+    client, proxy = proxy_net6["client"], proxy_net6["proxy"]
+    assert connect(client, VIP6, 25, CLIENT6, timeout=4) is None
+    with proxy.entered():
+        ret = loaders.states.relayroute.proxy_present(name="p", backend=backend, families=[4, 6])
+        assert ret.result is True, ret.comment
+        again = loaders.states.relayroute.proxy_present(name="p", backend=backend, families=[4, 6])
+        assert again.changes == {}
+    if backend == "iptables":
+        v6 = proxy.exec("ip6tables-save -t mangle").stdout
+        divert = "-p tcp -m socket --transparent -j RELAYROUTE-PROXY-DIVERT"
+        assert f"-A RELAYROUTE-PROXY-PRE {divert}" in v6
+    # The VIP's connection reaches the transparent listener, which sees the client's address.
+    assert connect(client, VIP6, 25, CLIENT6) == f"220 diverted {CLIENT6}"
+    counted = observed(proxy)
+    assert counted["divert marked"] > 0, counted
+    # A transparent listener on the wildcard address is not taken (xt_socket's rule).
+    assert connect(client, VIP6, 2525, CLIENT6, timeout=4) is None
+    assert observed(proxy)["wildcard marked"] == 0
+    with proxy.entered():
+        gone = loaders.states.relayroute.proxy_absent(name="p", backend=backend)
+        assert gone.result is True, gone.comment
+    assert "RELAYROUTE" not in proxy.exec("ip6tables-save -t mangle").stdout
+    assert "relayroute_proxy" not in proxy.exec("nft list tables").stdout
+    assert "table inet observer" in proxy.exec("nft list tables").stdout
+    assert connect(client, VIP6, 25, CLIENT6, timeout=4) is None
