@@ -16,6 +16,12 @@ own backend, flushes iptables' tables on every start and reload
 all its backends): relayroute's mangle chains are gone and the proxied path
 with them. That is why the network-scripts mechanism (iptables backend)
 refuses a host where firewalld.service is enabled.
+
+IPv6 has no rp_filter sysctl; firewalld's ``IPv6_rpfilter=yes`` (its default)
+does that job with a lookup that includes the packet mark. On a relay whose
+proxy is on another interface than the route back to the client, proxied IPv6
+passes it with relayroute's IPv6 rule in place (the mark is set at mangle - 1,
+before firewalld's chains), and is dropped by it without that rule.
 """
 
 import re
@@ -211,12 +217,13 @@ def test_firewalld_flushes_iptables_mangle_and_relayroutes_iptables_chains_with_
 # The relay reaches the gateway on lan0 and the proxy on px0 (the proxy on its
 # own leg: with both on one link reverse-path filtering passes either way). A
 # proxied client's SYN comes in on px0, its source routed (main table) out of
-# lan0: firewalld's IPv6 rpfilter (``fib saddr . mark . iif oif missing drop``
-# at priority filter + 10) drops it, unless the packet's mark leads the lookup
-# to a table that routes the source out of px0. The relay's marking is written
-# by hand here, the same chains relayroute's nftables backend renders (inet:
-# they see IPv6 packets too) at mangle - 1, with the IPv6 fwmark rule and table
-# relayroute's IPv4 side has.
+# lan0. firewalld's IPv6 rpfilter looks the source up with the packet's mark:
+# nftables backend ``meta nfproto ipv6 fib saddr . mark . iif oif missing drop``
+# (filter_PREROUTING, priority filter + 10), iptables backend ``ip6tables -t
+# mangle -I PREROUTING -m rpfilter --invert --validmark -j DROP`` (iptables-nft:
+# mangle, -150). relayroute's PRE chain (mangle - 1) has marked the packet by
+# then, and its IPv6 fwmark rule sends that lookup to the proxy's table, out of
+# px0: it passes. The mark without the rule is not enough.
 
 V6 = {
     "direct": "2001:db8:c::10",
@@ -225,35 +232,10 @@ V6 = {
     "proxy_leg": "2001:db8:b::2",
 }
 
-RELAY_TABLE_V6 = """\
-table inet relayroute_relay {{
-	chain ctmark-0xfe-0xff {{
-		ct mark set ct mark & 0xffffff00 | 0x000000fe
-	}}
-	chain mark-0xfe-0xff {{
-		meta mark set meta mark & 0xffffff00 | 0x000000fe
-	}}
-	chain OUT {{
-		type route hook output priority mangle - 1; policy accept;
-		meta mark set meta mark & 0xffffff00
-		ct mark & 0xff vmap {{ 0xfe : jump mark-0xfe-0xff }}
-	}}
-	chain PRE {{
-		type filter hook prerouting priority mangle - 1; policy accept;
-		meta mark set meta mark & 0xffffff00
-		ct mark & 0xff vmap {{ 0xfe : jump mark-0xfe-0xff }}
-		meta mark & 0xff != 0x0 return
-		ip6 saddr {{ 2001:db8:a::/64, 2001:db8:b::/64 }} return
-		ether saddr {mac} meta mark set meta mark & 0xffffff00 | 0x000000fe
-		ct mark set ct mark & 0xffffff00
-		meta mark & 0xff vmap {{ 0xfe : jump ctmark-0xfe-0xff }}
-	}}
-}}
-"""
-
 # Counters around firewalld's filter_PREROUTING (filter + 10): a SYN from the
-# proxied client counted before it and not after it was dropped there; and
-# whether it carried relayroute's mark when it got there.
+# proxied client counted before it and not after it was dropped there, and
+# whether it carried relayroute's mark when it got there. (firewalld's
+# iptables backend drops at -150, before both.)
 AROUND = """\
 table inet rpfwatch {
 	chain before {
@@ -267,6 +249,26 @@ table inet rpfwatch {
 	}
 }
 """
+
+RPFILTER = {
+    "nftables": ("nft list chain inet firewalld filter_PREROUTING",
+                 "meta nfproto ipv6 fib saddr . mark . iif oif missing drop"),
+    "iptables": ("ip6tables-save -t mangle",
+                 "-A PREROUTING -m rpfilter --validmark --invert -j DROP"),
+}  # fmt: skip
+
+
+def v6_args(proxy_mac):
+    """The relay's pillar in IPv6 alone: the proxy on px0's network."""
+    return {
+        "lan_networks": ["2001:db8:a::/64", "2001:db8:b::/64"],
+        "mark_mask": 0xFF,
+        "proxies": {
+            "m": {"address": V6["proxy_leg"], "mac": proxy_mac, "mark": 254,
+                  "table": 1000254, "priority": 1000},
+        },
+        "backend": "nftables",
+    }  # fmt: skip
 
 
 def _v6(ns, address, dev):
@@ -327,45 +329,61 @@ def syn_counts(relay):
     }
 
 
-def test_ipv6_rpfilter_passes_proxied_traffic_marked_before_it_with_an_ipv6_fwmark_rule(
-    two_legged_v6, firewalld
+@pytest.mark.parametrize("firewalld_backend", ["nftables", "iptables"])
+def test_ipv6_rpfilter_passes_proxied_traffic_relayroute_marks_with_its_ipv6_rule(
+    loaders, two_legged_v6, firewalld, firewalld_backend
 ):
     relay, client = two_legged_v6["relay"], two_legged_v6["client"]
-    fw = firewalld(relay)
-    prerouting = nft(relay, "list chain inet firewalld filter_PREROUTING").stdout
-    assert "priority filter + 10" in prerouting
-    assert "meta nfproto ipv6 fib saddr . mark . iif oif missing drop" in prerouting
+    fw = firewalld(relay, FirewallBackend=firewalld_backend)
+    listing, rpfilter = RPFILTER[firewalld_backend]
+    assert rpfilter in relay.exec(listing).stdout
     nft(relay, "-f -", input=AROUND)
+    on_nft = firewalld_backend == "nftables"
     assert connect6(client, V6["direct"]) == f"220 hello {V6['direct']}"
 
-    # 1. Nothing of relayroute's: the proxied SYN is dropped by the rpfilter.
+    # 1. Without relayroute the proxied SYN is dropped by the rpfilter.
     assert connect6(client, V6["proxied"], timeout=4) is None
     seen = syn_counts(relay)
-    assert seen["before"] >= 1, seen
-    assert seen["marked"] == 0, seen
     assert seen["after"] == 0, seen
+    if on_nft:
+        assert seen["before"] >= 1, seen
+        assert seen["marked"] == 0, seen
 
-    # 2. The mark restored at mangle - 1, but no IPv6 fwmark rule: the
-    # lookup with the mark still ends in the main table, out of lan0: dropped.
-    mac = mac_of(two_legged_v6["proxy"], "lan0")
-    nft(relay, "-f -", input=RELAY_TABLE_V6.format(mac=mac))
-    relay.exec("conntrack -F")
-    assert connect6(client, V6["proxied"], timeout=4) is None
-    seen = syn_counts(relay)
-    assert seen["marked"] >= 1, seen
-    assert seen["after"] == 0, seen
-
-    # 3. With the IPv6 rule and table (what relayroute adds for IPv4): it passes.
-    relay.ip(f"-6 route add default via {V6['proxy_leg']} dev px0 table 1000254")
-    relay.ip("-6 rule add priority 1000 fwmark 0xfe/0xff lookup 1000254")
-    relay.exec("conntrack -F")
+    # 2. relayroute (nftables, IPv6): marked at mangle - 1, looked up through
+    # its fwmark rule: it passes; the connmarks tell the paths apart.
+    args = v6_args(mac_of(two_legged_v6["proxy"], "lan0"))
+    with relay.entered():
+        ret = loaders.states.relayroute.relay_present(name="r", **args)
+    assert ret.result is True, ret.comment
+    rule = "1000:\tfrom all fwmark 0xfe/0xff lookup 1000254 proto 210"
+    assert rule in relay.exec("ip -6 rule show").stdout
+    relay.exec("conntrack -F")  # the control's flow (mark 0) would linger
     assert connect6(client, V6["proxied"]) == f"220 hello {V6['proxied']}"
     assert connect6(client, V6["direct"]) == f"220 hello {V6['direct']}"
     assert syn_counts(relay)["after"] >= 1
-    flows = relay.exec("conntrack -L -f ipv6 -p tcp --dport 25").stdout
-    assert any(V6["proxied"] in line and "mark=254" in line for line in flows.splitlines())
-    assert any(V6["direct"] in line and "mark=0" in line for line in flows.splitlines())
+    flows = relay.exec("conntrack -L -f ipv6 -p tcp --dport 25").stdout.splitlines()
+    assert any(V6["proxied"] in line and "mark=254" in line for line in flows), flows
+    assert any(V6["direct"] in line and "mark=0" in line for line in flows), flows
 
-    # firewalld's reload leaves it all as it is.
+    # 3. The mark alone, without the IPv6 rule: the lookup ends in the main
+    # table, out of lan0: dropped again.
+    relay.ip("-6 rule del priority 1000")
+    before = syn_counts(relay)
+    assert connect6(client, V6["proxied"], timeout=4) is None
+    seen = syn_counts(relay)
+    assert seen["after"] == before["after"], seen
+    if on_nft:
+        assert seen["marked"] > before["marked"], seen
+
+    # 4. A re-apply puts the rule back; firewalld's reload changes nothing of it.
+    with relay.entered():
+        ret = loaders.states.relayroute.relay_present(name="r", **args)
+    assert ret.result is True, ret.comment
+    assert set(ret.changes) == {"rules"}, ret.changes
+    ours = nft(relay, "-a list table inet relayroute_relay").stdout
     fw.reload()
     assert connect6(client, V6["proxied"]) == f"220 hello {V6['proxied']}"
+    assert nft(relay, "-a list table inet relayroute_relay").stdout == ours
+    with relay.entered():
+        gone = loaders.states.relayroute.relay_absent(name="r", backend="nftables")
+    assert gone.result is True, gone.comment
