@@ -48,7 +48,7 @@ base:
 
 @pytest.fixture(scope="package")
 def lab():
-    built = seedlab.SeedLab(backend="iptables")
+    built = seedlab.SeedLab()
     try:
         yield built
     finally:

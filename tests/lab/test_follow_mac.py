@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from tests.lab import filters
 from tests.lab.test_live_safety import noop_tolerant_postfix  # noqa: F401 - a fixture
 from tests.lab.test_watch import probe_proxied
 from tests.support import seedlab
@@ -47,13 +48,8 @@ HELD_WINDOW_MAX = 60 + FOLLOW_WAIT + 60
 
 
 def marked(lab, relay):
-    """The MACs relay's rules mark (lower case), from its packet filter."""
-    out = lab.ns(relay).exec(["iptables-save", "-t", "mangle"]).stdout
-    return sorted(
-        line.split("--mac-source ")[1].split()[0].lower()
-        for line in out.splitlines()
-        if line.startswith("-A RELAYROUTE-RELAY-PRE") and "--mac-source" in line
-    )
+    """The MACs relay's rules mark (lower case), from its packet filter (either backend)."""
+    return filters.marked_macs(lab.ns(relay))
 
 
 def change_mac(lab, mac):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab import filters
 from tests.lab.test_live_safety import conntrack_flows, highstate
 from tests.support import rh7boot, seedlab
 from tests.support.hosts import lose_runtime_state
@@ -19,25 +20,32 @@ pytestmark = [pytest.mark.lab, pytest.mark.root]
 
 
 HOSTS = ("relay1", "master-relay")
+ROLES = {"relay1": "relay", "master-relay": "proxy"}
 
 
-def reboot_and_mail(applied, lab, boot, title, extra=()):
+def reboot_and_mail(applied, lab, boot, title, backend, extra=()):
     """
-    relay1 and master-relay lose their runtime state, ``boot(name)`` runs what
-    that host's boot runs (returning the commands); then the state must be
-    identical to before and both mail paths must work.
+    relay1 and master-relay, whose roles live in ``backend``, lose their
+    runtime state, ``boot(name)`` runs what that host's boot runs (returning
+    the commands); then the state must be identical to before and both mail
+    paths must work.
     """
     relay, proxy = lab.ns("relay1"), lab.ns("master-relay")
-    before = {name: lab.ns(name).snapshot() for name in HOSTS}
+    before = {name: filters.ruleset(lab.ns(name)) for name in HOSTS}
+    held = {name: filters.holding(lab.ns(name), role) for name, role in ROLES.items()}
+    assert held == {name: [backend] for name in HOSTS}, held
     applied["haproxy"].stop()
     lose_runtime_state(relay, [1000254])
     lose_runtime_state(proxy, [100])
+    for name in HOSTS:
+        filters.lose_relayroute_tables(lab.ns(name))
+        assert filters.holding(lab.ns(name), ROLES[name]) == [], name
     proxy.sysctl("net.ipv4.ip_nonlocal_bind", 0)
     lines = [f"{name}: {command}" for name in HOSTS for command in boot(name)]
     # HAProxy's own unit starts after relayroute's (Before=haproxy.service).
     applied["haproxy"].start()
     for name in HOSTS:
-        assert lab.ns(name).snapshot() == before[name], name
+        assert filters.ruleset(lab.ns(name)) == before[name], name
     assert proxy.exec("sysctl -n net.ipv4.ip_nonlocal_bind").stdout.strip() == "1"
     direct = mail_direct(lab, "relay1")
     assert direct.ok, direct.text
@@ -53,8 +61,10 @@ def reboot_and_mail(applied, lab, boot, title, extra=()):
     assert {f["mark"] for f in direct} == {"0"}, direct
     report(title, [
         *extra,
+        f"relayroute's roles in backend {backend} on both hosts",
         *lines,
-        "after: rules, routes and ruleset identical to before the reboot",
+        "after: rules, routes and rulesets (iptables-save, nft list ruleset) identical to "
+        "before the reboot",
         f"mail: direct to relay1 ok; {len(proxied)} of {len(proxied)} through the VIP ok",
         f"relay1's conntrack: {len(vip)} flows through the VIP mark={mark}, "
         f"{len(direct)} direct mark=0",
@@ -69,7 +79,11 @@ def test_boot_restores_both_mail_paths_without_salt(applied, lab):
             lab.ns(name).exec(command)
         return [" ".join(command) for command in commands]
 
-    reboot_and_mail(applied, lab, boot, "reboot of relay1 and master-relay, restored without Salt")
+    # The lab's backend: the platform's default (nftables on Debian 12) unless it names one.
+    reboot_and_mail(
+        applied, lab, boot, "reboot of relay1 and master-relay, restored without Salt",
+        filters.lab_backend(lab),
+    )  # fmt: skip
 
 
 # Inside each host's /etc overlay: what a CentOS 7 host keeps in /etc/sysconfig.
@@ -100,10 +114,13 @@ def test_centos7_boot_from_its_own_files_restores_both_mail_paths(
     moves relay1's and master-relay's boot state from the relayroute units to
     route-/rule- files and /etc/sysconfig/iptables; a reboot that runs what
     CentOS 7's boot runs (tests/support/rh7boot.py) brings both mail paths back.
+    The backend is CentOS 7's, iptables (the topology refuses nftables with
+    network-scripts): the same highstate moves the two hosts to it.
     """
     target = ",".join(HOSTS)
     files = {name: as_centos7(lab, name) for name in HOSTS}
     pillar = copy.deepcopy(pillar_data)
+    pillar["relayroute"]["backend"] = "iptables"
     pillar["relayroute"]["lookup"]["persist"] = {
         "mechanism": "network-scripts",
         "network_scripts_dir": f"{SYSCONFIG}/network-scripts",
@@ -127,12 +144,15 @@ def test_centos7_boot_from_its_own_files_restores_both_mail_paths(
             lab,
             lambda name: rh7boot.boot(lab.ns(name), {**persist, **files[name]}, interfaces[name]),
             "CentOS 7 boot of relay1 and master-relay from their own files",
+            "iptables",
             [f"highstate to mechanism network-scripts: {moved}"],
         )
     finally:
         set_pillar(pillar_data)
         highstate(salt_cli, target, flags=["-L"])
-    for name in HOSTS:
+    for name, role in ROLES.items():
+        held = filters.holding(lab.ns(name), role)
+        assert held == [filters.lab_backend(lab)], (name, held)
         assert not os.listdir(files[name]["network_scripts_dir"]), name
         saved = Path(files[name]["iptables_file"]).read_text()
         assert "RELAYROUTE" not in saved, name

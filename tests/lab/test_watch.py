@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from tests.lab import filters
 from tests.lab.test_live_safety import (
     highstate,
     noop_tolerant_postfix,  # noqa: F401 - a fixture
@@ -104,16 +105,6 @@ def probe_proxied(lab, deadline, attempt=0.3):
         timeout=deadline + 30,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def ours(ns):
-    """relayroute's part of relay1: its rules, routes and chains."""
-    snap = ns.snapshot()
-    return {
-        "rules": [line for line in snap["rules"].splitlines() if "proto 210" in line],
-        "routes": [line for line in snap["routes"].splitlines() if "proto 210" in line],
-        "chains": [line for line in snap["iptables"].splitlines() if "RELAYROUTE" in line],
-    }
 
 
 def bounce(lab):
@@ -241,13 +232,13 @@ def test_link_bounce_is_repaired_by_the_watcher_and_not_without_it(
     timeouts = applied["haproxy"].timeouts()
     assert min(timeouts["client"], timeouts["server"]) > HELD_WINDOW_MAX, timeouts
     relay = lab.ns(RELAY)
-    before = ours(relay)
+    before = filters.ours(relay)
     assert all(before.values()), before
     watcher = Watcher(lab, tmp_path / "watch.log")
     try:
         with_watcher = held_bounce(lab, "bounce with the watcher")
         time.sleep(0.5)
-        after = ours(relay)
+        after = filters.ours(relay)
         log = watcher.log()
     finally:
         watcher.stop()
@@ -257,10 +248,10 @@ def test_link_bounce_is_repaired_by_the_watcher_and_not_without_it(
     # The control: the same bounce, no watcher.
     control = held_bounce(lab, "bounce without the watcher")
     dead = probe_proxied(lab, NEGATIVE_TIMEOUT)
-    broken = ours(relay)
+    broken = filters.ours(relay)
     changed = highstate(salt_cli, RELAY)
     positive = probe_proxied(lab, RECOVERY_WAIT)
-    repaired = ours(relay)
+    repaired = filters.ours(relay)
 
     report(
         f"relay1's {LINK} down {DOWN_FOR:.0f} s, then up, sessions on both paths held",
