@@ -2,10 +2,11 @@
 Boot persistence through the distribution's own files, the way CentOS/RHEL 7
 brings networking up (``persist:mechanism: network-scripts``):
 
-- ``route-<dev>`` and ``rule-<dev>`` in ``/etc/sysconfig/network-scripts``:
-  when ``<dev>`` comes up, ``ifup-routes`` (network.service, or
-  NetworkManager's dispatcher from ``NetworkManager-dispatcher-routing-rules``)
-  runs ``ip -4 route add LINE`` and ``ip -4 rule add LINE`` for every line
+- ``route-<dev>`` and ``rule-<dev>`` in ``/etc/sysconfig/network-scripts``
+  (``route6-<dev>`` and ``rule6-<dev>`` for IPv6): when ``<dev>`` comes up,
+  ``ifup-routes`` (network.service, or NetworkManager's dispatcher from
+  ``NetworkManager-dispatcher-routing-rules``) runs ``ip -4 route add LINE``
+  and ``ip -4 rule add LINE`` (``ip -6`` for the ``6`` files) for every line
   that is neither blank nor a comment. relayroute keeps its lines in one
   marked block per role; the administrator's lines stay byte for byte.
 - ``/etc/sysconfig/iptables``: ``iptables.service`` (iptables-services)
@@ -18,22 +19,36 @@ Pure functions over text; the caller reads and writes the files.
 """
 
 import dataclasses
-import ipaddress
 import os
+
+from . import family as families
 
 BEGIN = "# BEGIN relayroute {role}: managed by Salt, edits here are overwritten"
 END = "# END relayroute {role}"
 # ifup-routes reads a route file in the ADDRESSn=/NETMASKn=/GATEWAYn= format
 # when any line looks like this, and then ignores 'ip route' lines.
 ADDRESS_FORMAT = "ADDRESS"
+# What follows 'route'/'rule' in the name of a family's files: ifup-routes
+# reads route-/rule-<dev> with 'ip -4' and route6-/rule6-<dev> with 'ip -6'.
+FILE_SUFFIX = {families.IPV4.version: "", families.IPV6.version: "6"}
 
 
-def route_file(directory, dev):
-    return os.path.join(directory, f"route-{dev}")
+def route_name(dev, version=families.IPV4.version):
+    """The route file's name for ``dev`` in a family: ``route-eth0``, ``route6-eth0``."""
+    return f"route{FILE_SUFFIX[version]}-{dev}"
 
 
-def rule_file(directory, dev):
-    return os.path.join(directory, f"rule-{dev}")
+def rule_name(dev, version=families.IPV4.version):
+    """The rule file's name for ``dev`` in a family: ``rule-eth0``, ``rule6-eth0``."""
+    return f"rule{FILE_SUFFIX[version]}-{dev}"
+
+
+def route_file(directory, dev, version=families.IPV4.version):
+    return os.path.join(directory, route_name(dev, version))
+
+
+def rule_file(directory, dev, version=families.IPV4.version):
+    return os.path.join(directory, rule_name(dev, version))
 
 
 def sysctl_file(directory, role):
@@ -41,12 +56,14 @@ def sysctl_file(directory, role):
 
 
 def device_of(route, kernel):
-    """The interface a table route leaves by: its ``dev``, or the one on its gateway's network."""
+    """
+    The interface a table route leaves by: its ``dev``, or the one on its
+    gateway's network (a network of the gateway's family).
+    """
     if route.dev:
         return route.dev
-    gateway = ipaddress.IPv4Address(route.gateway)
     for net, ifname in kernel.network_interfaces:
-        if gateway in ipaddress.IPv4Network(net):
+        if families.contains(net, route.gateway):
             return ifname
     raise ValueError(
         f"no interface of this host is on the network of gateway {route.gateway} "
@@ -55,13 +72,13 @@ def device_of(route, kernel):
 
 
 def route_line(route, dev):
-    """A route as ``ip -4 route add`` takes it from a ``route-<dev>`` file (``dev`` named)."""
+    """A route as ``ip -4/-6 route add`` takes it from a route file (``dev`` named)."""
     return dataclasses.replace(route, dev=dev).line()
 
 
 def rule_line(rule, with_protocol):
     """
-    A rule as ``ip -4 rule add`` takes it from a ``rule-<dev>`` file. CentOS 7
+    A rule as ``ip -4/-6 rule add`` takes it from a rule file. CentOS 7
     (kernel 3.10, iproute 4.11) knows no rule protocol: the line has none there,
     and relayroute knows the rule as its own by its memory (engine.adopt_rules).
     """
@@ -72,21 +89,24 @@ def rule_line(rule, with_protocol):
 def network_script_lines(plan, kernel):
     """
     ``{path suffix: [lines]}`` for ``plan``: each table route in the route file
-    of the interface it leaves by, each rule in the rule file of the interface
-    its table's route leaves by (ifup adds them when that interface comes up).
-    Keys are ``route-<dev>``/``rule-<dev>`` file names.
+    of its family and the interface it leaves by, each rule in the rule file
+    of its family and the interface its table's route (of that family) leaves
+    by (ifup adds them when that interface comes up). Keys are file names:
+    ``route-<dev>``/``rule-<dev>``, ``route6-<dev>``/``rule6-<dev>``.
     """
     files = {}
     devices = {}
     for route in plan.routes:
         dev = device_of(route, kernel)
-        devices.setdefault(route.table, dev)
-        files.setdefault(f"route-{dev}", []).append(route_line(route, dev))
+        devices.setdefault((route.family, route.table), dev)
+        files.setdefault(route_name(dev, route.family), []).append(route_line(route, dev))
     for rule in plan.rules:
-        dev = devices.get(rule.table)
+        dev = devices.get((rule.family, rule.table))
         if dev is None:
             raise ValueError(f"rule {rule.line()} looks up table {rule.table}, which has no route")
-        files.setdefault(f"rule-{dev}", []).append(rule_line(rule, kernel.rule_protocol))
+        files.setdefault(rule_name(dev, rule.family), []).append(
+            rule_line(rule, kernel.rule_protocol)
+        )
     return files
 
 

@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 
 from . import bootfiles, planner
+from . import family as families
 
 UNIT = "unit"
 NETWORK_SCRIPTS = "network-scripts"
@@ -87,16 +88,22 @@ def restore_script(plan, filter_backend):
     lines = [HEADER.format(role=plan.owner.role, lock=DEFAULT_LOCK, wait=LOCK_WAIT)]
     lines.append("# Kernel parameters")
     lines += [f"sysctl -qw {item.key}={item.value}" for item in plan.sysctls]
-    lines.append("# Policy tables first, then the rules that use them")
-    lines += [f"ip -4 route replace {route.line()}" for route in plan.routes]
+    lines.append("# Policy tables first, then the rules that use them (each in its family)")
+    lines += [f"ip {_flag(route)} route replace {route.line()}" for route in plan.routes]
     # A rule in place is left alone (a repair on a live host must not take away,
     # even for an instant, the rule its replies use); a missing one is added.
     for rule in plan.rules:
         spec = bootfiles.rule_line(rule, with_protocol=True)
-        lines.append(f"ip -4 rule show {spec} | grep -q . || ip -4 rule add {spec}")
+        flag = _flag(rule)
+        lines.append(f"ip {flag} rule show {spec} | grep -q . || ip {flag} rule add {spec}")
     lines.append("# The packet filter last: marking starts once routes and rules exist")
     lines += filter_backend.restore_commands(plan)
     return "\n".join(lines) + "\n"
+
+
+def _flag(item):
+    """ip(8)'s family switch for a route or rule: ``-4`` or ``-6``."""
+    return families.BY_VERSION[item.family].ip_flag
 
 
 def load(directory, role):

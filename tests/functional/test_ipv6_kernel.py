@@ -17,6 +17,7 @@ bound or used as a source.
 
 import pytest
 
+from tests.functional.test_watch_repairs import start_watcher, wait_for
 from tests.support.hosts import (
     DIRECT,
     PROXIED,
@@ -315,3 +316,54 @@ def test_ipv6_connections_are_answered_by_the_way_they_came(loaders, net6, backe
     assert any(f"src={DIRECT6}" in line and "mark=0" in line for line in listing)
     relayroute(loaders, relay, "relay_remove", backend=backend)
     assert ours(relay, "-6") == []
+
+
+def table6(relay):
+    return f"default via {PROXY6}" in relay.exec(f"ip -6 route show table {TABLE}").stdout
+
+
+def test_the_watcher_puts_ipv6_back(loaders, dual, tmp_path):
+    """
+    The restore script restores each family with its own ``ip`` switch, and
+    the watcher runs it when IPv6 loses the relay's state: a deleted IPv6
+    rule or route, and a link bounce, after which IPv6 (unlike IPv4) has
+    lost the link's global address too: the route cannot come back until
+    the address does (a network manager adds it again), and that address
+    event is what triggers the repair.
+    """
+    relay = dual["relay"]
+    persist = tmp_path / "relayroute"
+    relayroute(loaders, relay, "relay_apply", persist_dir=str(persist), **dual_args("nftables"))
+    script = (persist / "relay.restore").read_text()
+    assert f"ip -6 route replace default via {PROXY6} table {TABLE} proto 210" in script
+    assert f"ip -6 rule add priority {PRIORITY} fwmark 0xfe/0xff lookup {TABLE} proto 210" in script
+    log = tmp_path / "watch.log"
+    watcher = start_watcher(relay, persist / "relay.restore", log)
+    try:
+        relay.ip(f"-6 rule del priority {PRIORITY}")
+        assert wait_for(lambda: RULE in relay.exec("ip -6 rule show").stdout, 10) is not None
+        relay.ip(f"-6 route del default table {TABLE}")
+        assert wait_for(lambda: table6(relay), 10) is not None
+
+        relay.ip("link set eth0 down")
+        assert not table6(relay)
+        relay.ip("link set eth0 up")
+        # IPv4's route is back with the link; IPv6's waits for the address.
+        assert wait_for(
+            lambda: "192.0.2.2" in relay.exec(f"ip -4 route show table {TABLE}").stdout, 10
+        )
+        relay.ip("route replace default via 192.0.2.1")
+        assert not table6(relay)
+        assert RELAY6 not in relay.exec("ip -6 addr show dev eth0").stdout
+        add6(relay, f"{RELAY6}/64", "eth0")
+        assert wait_for(lambda: table6(relay), 10) is not None, log.read_text()
+        assert wait_for(lambda: "repaired (address added: eth0" in log.read_text(), 10), (
+            log.read_text()
+        )
+    finally:
+        watcher.terminate()
+        watcher.wait(timeout=10)
+    text = log.read_text()
+    print(text)
+    assert f"rule -6 {PRIORITY}: from all fwmark 0xfe/0xff lookup {TABLE} proto 210" in text
+    assert f"put back route -6 default via {PROXY6} dev eth0 table {TABLE}" in text
