@@ -11,8 +11,10 @@ Two mechanisms (``persist:mechanism``):
   routes, rules and chains back in place; the ``relayroute-<role>.service``
   systemd unit (installed by the formula) runs it at boot.
 - ``network-scripts`` (CentOS/RHEL 7): the distribution's own files, see
-  :mod:`bootfiles`: route-/rule-<dev> blocks, the mangle part of
-  ``/etc/sysconfig/iptables`` and a sysctl.d drop-in.
+  :mod:`bootfiles`: route-/rule-<dev> blocks (route6-/rule6-<dev> for
+  IPv6), the mangle part of ``/etc/sysconfig/iptables`` (and of
+  ``/etc/sysconfig/ip6tables`` when the chains work in IPv6 too) and a
+  sysctl.d drop-in.
 
 Either way ``<dir>/<role>.json`` holds the memory. Files of the mechanism not
 in use are cleaned, so switching mechanisms leaves nothing behind.
@@ -34,6 +36,9 @@ MECHANISMS = (UNIT, NETWORK_SCRIPTS)
 # How a boot file is written: whole (relayroute's own file), a marked block in
 # a shared file, or relayroute's chains in a saved ruleset.
 WHOLE, BLOCK, RULESET = "whole", "block", "ruleset"
+# The saved ruleset of each family: iptables.service's file, ip6tables.service's.
+RULESET6 = "ruleset6"
+RULESETS = {RULESET: families.IPV4.version, RULESET6: families.IPV6.version}
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,11 @@ class Target:
     iptables_file: str = "/etc/sysconfig/iptables"
     sysctl_dir: str = "/etc/sysctl.d"
     systemd_dir: str = "/etc/systemd/system"
+    ip6tables_file: str = "/etc/sysconfig/ip6tables"
+
+    def saved_file(self, kind):
+        """The saved ruleset file of a ruleset kind (its family's)."""
+        return self.ip6tables_file if kind == RULESET6 else self.iptables_file
 
 
 # Where the formula keeps each role's boot files and memory (parameters/defaults.yaml).
@@ -147,8 +157,11 @@ def boot_files(plan, target, kernel, filter_backend):
     files = {
         script_path: (WHOLE, None),
         sysctl_path: (WHOLE, bootfiles.sysctl_text(plan)),
-        target.iptables_file: (RULESET, plan if plan.chains else None),
     }
+    # Each family's saved ruleset: IPv6's only when the chains work in IPv6.
+    for kind, version in RULESETS.items():
+        wanted = plan.chains and version in plan.families
+        files[target.saved_file(kind)] = (kind, plan if wanted else None)
     for name, lines in bootfiles.network_script_lines(plan, kernel).items():
         files[os.path.join(target.network_scripts_dir, name)] = (BLOCK, lines)
     return files
@@ -160,9 +173,11 @@ def merged(kind, text, ours, plan, filter_backend):
         return ours
     if kind == BLOCK:
         return bootfiles.merge_block(text, plan.owner.role, ours)
-    if kind == RULESET:
+    if kind in RULESETS:
         return filter_backend.merge_saved(
-            text, plan if ours is not None else planner.empty_plan(plan.owner)
+            text,
+            plan if ours is not None else planner.empty_plan(plan.owner),
+            version=RULESETS[kind],
         )
     raise ValueError(f"unknown boot file kind {kind!r}")
 
@@ -216,7 +231,27 @@ def check_host(plan, target, files, key):
                 "start and reload, and relayroute's chains with it; use iptables-services "
                 f"instead (got {NETWORK_SCRIPTS!r})"
             )
+    if plan.chains and families.IPV6.version in plan.families:
+        problems += _ip6tables_problems(target, files, key)
     return problems
+
+
+def _ip6tables_problems(target, files, key):
+    """The IPv6 chains' boot path: ip6tables.service restoring its saved file."""
+    path = target.ip6tables_file
+    if files[path][1] is None:
+        return [
+            f"{key}: {path} does not exist, so nothing restores the IPv6 packet filter at "
+            "boot; install iptables-services, run 'service ip6tables save' and enable "
+            f"ip6tables.service, or use mechanism 'unit' (got {NETWORK_SCRIPTS!r})"
+        ]
+    if not _enabled(target.systemd_dir, "ip6tables.service"):
+        return [
+            f"{key}: ip6tables.service is not enabled in {target.systemd_dir}, so {path} "
+            f"is not restored at boot; enable it, or use mechanism 'unit' "
+            f"(got {NETWORK_SCRIPTS!r})"
+        ]
+    return []
 
 
 def write_files(contents):

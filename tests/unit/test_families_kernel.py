@@ -403,3 +403,67 @@ class _NoFilter:
     @staticmethod
     def restore_commands(plan):
         return []
+
+
+def _target(tmp_path, ip6tables=True, enabled=("iptables.service", "ip6tables.service")):
+    sysconfig = tmp_path / "sysconfig"
+    sysconfig.mkdir(parents=True)
+    (sysconfig / "iptables").write_text("*mangle\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n")
+    if ip6tables:
+        (sysconfig / "ip6tables").write_text("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")
+    wants = tmp_path / "systemd" / "multi-user.target.wants"
+    wants.mkdir(parents=True)
+    for unit in enabled:
+        (wants / unit).touch()
+    return persist.Target(
+        dir=str(tmp_path / "relayroute"),
+        mechanism=persist.NETWORK_SCRIPTS,
+        network_scripts_dir=str(sysconfig / "network-scripts"),
+        iptables_file=str(sysconfig / "iptables"),
+        sysctl_dir=str(tmp_path / "sysctl.d"),
+        systemd_dir=str(tmp_path / "systemd"),
+        ip6tables_file=str(sysconfig / "ip6tables"),
+    )
+
+
+def _boot(plan, target):
+    from relayroute_core import iptables
+
+    wanted = persist.boot_files(plan, target, kernel(), iptables)
+    files = {}
+    for path, (kind, ours) in wanted.items():
+        old = persist.read_text(path)
+        files[path] = (kind, old, persist.merged(kind, old, ours, plan, iptables))
+    return files
+
+
+@pytest.mark.parametrize("versions", [(4,), (4, 6)], ids=["ipv4", "dual-stack"])
+def test_network_scripts_keep_the_ipv6_chains_in_ip6tables_saved_file(tmp_path, versions):
+    target = _target(tmp_path)
+    files = _boot(planner.relay_plan(dual_spec(versions)), target)
+    kind, old, new = files[target.ip6tables_file]
+    assert kind == persist.RULESET6
+    if versions == (4,):
+        assert new == old  # no IPv6 chains: the file is left as it is
+    else:
+        assert "-A PREROUTING -j RELAYROUTE-RELAY-PRE" in new
+        assert new.startswith("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")  # the admin's, kept
+    assert "-A PREROUTING -j RELAYROUTE-RELAY-PRE" in files[target.iptables_file][2]
+    assert persist.check_host(planner.relay_plan(dual_spec(versions)), target, files, "k") == []
+
+
+def test_ipv6_chains_need_ip6tables_service_to_restore_them_at_boot(tmp_path):
+    plan = planner.relay_plan(dual_spec())
+    target = _target(tmp_path, ip6tables=False)
+    problems = persist.check_host(plan, target, _boot(plan, target), "k")
+    assert problems == [
+        f"k: {target.ip6tables_file} does not exist, so nothing restores the IPv6 packet filter "
+        "at boot; install iptables-services, run 'service ip6tables save' and enable "
+        "ip6tables.service, or use mechanism 'unit' (got 'network-scripts')"
+    ]
+    other = _target(tmp_path / "other", enabled=("iptables.service",))
+    (problem,) = persist.check_host(plan, other, _boot(plan, other), "k")
+    assert "ip6tables.service is not enabled" in problem
+    # An IPv4-only relay needs no ip6tables.service.
+    ipv4 = planner.relay_plan(dual_spec((4,)))
+    assert persist.check_host(ipv4, other, _boot(ipv4, other), "k") == []
