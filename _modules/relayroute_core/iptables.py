@@ -320,26 +320,50 @@ def desired_lines(plan):
     return lines
 
 
-@dataclass(frozen=True)
-class Transaction:
+class Transaction(str):
     """
-    What :func:`apply` writes: ``parts``, ``(family, restore input)`` in the
-    order written (IPv4 first), and ``undo``, ``{family: restore input}``
-    putting each family's table back as it was before its part (None: the
-    part changed nothing that needs putting back).
+    What :func:`apply` writes, as the text an operator reads: each family's
+    ``*-restore`` input under a ``# iptables-restore --noflush`` / ``#
+    ip6tables-restore --noflush`` line, IPv4 first. ``parts``: ``(family,
+    restore input)`` in that order; ``undo``: ``{family: restore input}``
+    putting each family's table back as it was before its part (None: nothing
+    to put back). Plain text (a transaction edited as text) is read back with
+    :meth:`parse`; text without a header line is one IPv4 transaction.
     """
 
     parts: Tuple[Tuple[int, str], ...]
-    undo: Dict[int, Optional[str]] = field(default_factory=dict, compare=False)
+    undo: Dict[int, Optional[str]]
+
+    def __new__(cls, parts, undo=None):
+        text = "".join(f"{_header(version)}\n{body}" for version, body in parts)
+        self = super().__new__(cls, text)
+        self.parts = tuple(parts)
+        self.undo = dict(undo or {})
+        return self
 
     def text(self, version):
         """The restore input for ``version``'s table, or None when it has nothing to do."""
         return dict(self.parts).get(version)
 
-    def __str__(self):
-        return "".join(
-            f"# {' '.join(TOOLS[version].restore)}\n{text}" for version, text in self.parts
-        )
+    @classmethod
+    def parse(cls, text):
+        """A transaction from its text (the parts; no way back is known)."""
+        headers = {_header(version): version for version in VERSIONS}
+        parts, version, lines = [], 4, []
+        for line in str(text).splitlines():
+            if line in headers:
+                if any(item.strip() for item in lines):
+                    parts.append((version, "\n".join(lines) + "\n"))
+                version, lines = headers[line], []
+            else:
+                lines.append(line)
+        if any(item.strip() for item in lines):
+            parts.append((version, "\n".join(lines) + "\n"))
+        return cls(parts)
+
+
+def _header(version):
+    return "# " + " ".join(TOOLS[version].restore)
 
 
 def transaction(plan, ruleset):
@@ -750,8 +774,8 @@ def apply(payload):
     back to what they were (their ``undo``), and the error names the tool that
     failed and says whether the others were put back.
     """
-    if isinstance(payload, str):  # one IPv4 transaction, as before IPv6
-        payload = Transaction(((4, payload),))
+    if not isinstance(payload, Transaction):  # its text, e.g. edited
+        payload = Transaction.parse(payload)
     written = []
     for version, text in payload.parts:
         try:

@@ -428,3 +428,20 @@ def test_the_saved_ip6tables_file_gets_the_ipv6_chains():
     v4 = iptables.merge_saved(SAVED6.replace("ipv6-icmp", "icmp"), plan)
     assert "fe80" not in v4
     assert "icmp6" not in v4
+
+
+def test_the_transaction_is_its_text_and_reads_back_from_it(monkeypatch):
+    payload = iptables.transaction(relay_plan(), iptables.Ruleset())
+    lines = payload.splitlines()
+    assert lines[0] == "# iptables-restore --noflush"
+    assert "# ip6tables-restore --noflush" in lines
+    assert iptables.Transaction.parse(str(payload)).parts == payload.parts
+    # Text edited as text (or an IPv4 transaction of before IPv6) is applied per family.
+    fake = FakeRestore()
+    monkeypatch.setattr(iptables, "_restore", fake)
+    iptables.apply("\n".join(line for line in lines if "--save-mark" not in line))
+    assert [tool for tool, _text in fake.runs] == ["iptables-restore", "ip6tables-restore"]
+    assert not [text for _tool, text in fake.runs if "--save-mark" in text]
+    fake.runs.clear()
+    iptables.apply("*mangle\n-N X\nCOMMIT\n")
+    assert fake.runs == [("iptables-restore", "*mangle\n-N X\nCOMMIT\n")]
