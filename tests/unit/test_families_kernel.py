@@ -467,3 +467,18 @@ def test_ipv6_chains_need_ip6tables_service_to_restore_them_at_boot(tmp_path):
     # An IPv4-only relay needs no ip6tables.service.
     ipv4 = planner.relay_plan(dual_spec((4,)))
     assert persist.check_host(ipv4, other, _boot(ipv4, other), "k") == []
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+def test_a_shadowing_rule_is_named_only_from_the_lookups_family(family):
+    other = IPV6 if family is IPV4 else IPV4
+    plan = planner.relay_plan(dual_spec())
+    lookup = next(item for item in plan.lookups if item.family == family.version and item.mark)
+    answers = [(lookup, None, 51820, None, None)]
+    shadow = kernel_rule(family, priority=900, table=51820, proto=0)
+    beside = kernel_rule(other, priority=900, table=51820, proto=0)
+    (named,) = engine.answer_problems(answers, [beside, shadow])
+    assert f"a rule at priority 900 ('{shadow.line()}') shadows relayroute's" in named
+    (unnamed,) = engine.answer_problems(answers, [beside])
+    assert "shadows" not in unnamed
+    assert "table 51820 answered instead of table 1000254" in unnamed
