@@ -51,11 +51,14 @@ class Target:
     iptables_file: str = "/etc/sysconfig/iptables"
     sysctl_dir: str = "/etc/sysctl.d"
     systemd_dir: str = "/etc/systemd/system"
-    ip6tables_file: str = "/etc/sysconfig/ip6tables"
+    # ip6tables.service's file; by default ``ip6tables`` beside ``iptables_file``.
+    ip6tables_file: str = ""
 
     def saved_file(self, kind):
         """The saved ruleset file of a ruleset kind (its family's)."""
-        return self.ip6tables_file if kind == RULESET6 else self.iptables_file
+        if kind != RULESET6:
+            return self.iptables_file
+        return self.ip6tables_file or os.path.join(os.path.dirname(self.iptables_file), "ip6tables")
 
 
 # Where the formula keeps each role's boot files and memory (parameters/defaults.yaml).
@@ -238,7 +241,7 @@ def check_host(plan, target, files, key):
 
 def _ip6tables_problems(target, files, key):
     """The IPv6 chains' boot path: ip6tables.service restoring its saved file."""
-    path = target.ip6tables_file
+    path = target.saved_file(RULESET6)
     if files[path][1] is None:
         return [
             f"{key}: {path} does not exist, so nothing restores the IPv6 packet filter at "

@@ -422,7 +422,6 @@ def _target(tmp_path, ip6tables=True, enabled=("iptables.service", "ip6tables.se
         iptables_file=str(sysconfig / "iptables"),
         sysctl_dir=str(tmp_path / "sysctl.d"),
         systemd_dir=str(tmp_path / "systemd"),
-        ip6tables_file=str(sysconfig / "ip6tables"),
     )
 
 
@@ -441,7 +440,9 @@ def _boot(plan, target):
 def test_network_scripts_keep_the_ipv6_chains_in_ip6tables_saved_file(tmp_path, versions):
     target = _target(tmp_path)
     files = _boot(planner.relay_plan(dual_spec(versions)), target)
-    kind, old, new = files[target.ip6tables_file]
+    # ip6tables.service's file, beside iptables.service's.
+    assert target.saved_file(persist.RULESET6) == str(tmp_path / "sysconfig" / "ip6tables")
+    kind, old, new = files[target.saved_file(persist.RULESET6)]
     assert kind == persist.RULESET6
     if versions == (4,):
         assert new == old  # no IPv6 chains: the file is left as it is
@@ -456,8 +457,9 @@ def test_ipv6_chains_need_ip6tables_service_to_restore_them_at_boot(tmp_path):
     plan = planner.relay_plan(dual_spec())
     target = _target(tmp_path, ip6tables=False)
     problems = persist.check_host(plan, target, _boot(plan, target), "k")
+    saved = target.saved_file(persist.RULESET6)
     assert problems == [
-        f"k: {target.ip6tables_file} does not exist, so nothing restores the IPv6 packet filter "
+        f"k: {saved} does not exist, so nothing restores the IPv6 packet filter "
         "at boot; install iptables-services, run 'service ip6tables save' and enable "
         "ip6tables.service, or use mechanism 'unit' (got 'network-scripts')"
     ]
