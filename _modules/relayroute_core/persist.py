@@ -228,11 +228,18 @@ def check_host(plan, target, files, key):
                 f"{target.iptables_file} is not restored at boot; enable it, or use "
                 f"mechanism 'unit' (got {NETWORK_SCRIPTS!r})"
             )
+        # Only the iptables backend's chains get here (the nftables backend
+        # refuses this mechanism in merge_saved). firewalld 1.3, whatever its
+        # FirewallBackend, flushes iptables' tables (-F -X -Z) on every start
+        # and reload; relayroute's nftables table it never touches, so with
+        # firewalld the way is nftables and the unit (tests/functional/test_firewalld.py).
         if _enabled(target.systemd_dir, "firewalld.service"):
             problems.append(
-                f"{key}: firewalld.service is enabled; it flushes the mangle table on every "
-                "start and reload, and relayroute's chains with it; use iptables-services "
-                f"instead (got {NETWORK_SCRIPTS!r})"
+                f"{key}: firewalld.service is enabled; it flushes iptables' tables, the "
+                "mangle table and relayroute's chains in it, on every start and reload; "
+                "use iptables-services instead (where relayroute's nftables backend runs, "
+                "RHEL 8+: backend 'nftables' with mechanism 'unit', whose table firewalld "
+                f"leaves alone) (got {NETWORK_SCRIPTS!r})"
             )
     if plan.chains and families.IPV6.version in plan.families:
         problems += _ip6tables_problems(target, files, key)
