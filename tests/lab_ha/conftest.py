@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.root]
 
 @pytest.fixture(scope="package")
 def lab():
-    built = HALab(backend="iptables")
+    built = HALab()
     try:
         yield built
     finally:

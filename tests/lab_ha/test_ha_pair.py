@@ -41,13 +41,13 @@ answered (their SYN-ACKs leave by the stateful gateway, which drops them).
 import copy
 import datetime
 import json
-import re
-import subprocess
 import time
 from collections import Counter
 
 import pytest
 
+from tests.lab import filters
+from tests.lab.sessions import NewSessions
 from tests.lab.test_live_safety import (
     conntrack_flows,
     highstate,
@@ -78,83 +78,55 @@ MOVE_BOUND, MOVE_WAIT = 5.0, 30.0
 # checks, finishing): HAProxy's client and server timeouts (10 m) are wider.
 HELD_WINDOW_MAX = 60 + NEW_WINDOW + NEW_TIMEOUT + MOVE_WAIT + 60
 
-NEW_SESSIONS = """
-import json, smtplib, sys, threading, time
-args = json.loads(sys.argv[1])
-results, threads = [], []
-
-def one(index, port):
-    r = {"index": index, "port": port, "start": time.monotonic(), "ok": False}
-    results.append(r)
-    try:
-        smtp = smtplib.SMTP(timeout=args["timeout"], source_address=(args["source"], 0))
-        code, banner = smtp.connect(args["server"], port)
-        r["banner_at"] = time.monotonic()
-        r["relay"] = banner.decode(errors="replace").split(".")[0]
-        smtp.ehlo("new.example.com")
-        smtp.mail("sender@example.com")
-        code, text = smtp.rcpt(args["rcpt"])
-        if code != 250:
-            raise RuntimeError(f"RCPT {code} {text!r}")
-        code, text = smtp.data(f"Subject: new {index}\\r\\n\\r\\nnew session {index}\\r\\n")
-        r["code"] = code
-        r["ok"] = code == 250
-        smtp.quit()
-    except Exception as err:
-        r["error"] = repr(err)
-    r["end"] = time.monotonic()
-
-start = time.monotonic()
-index = 0
-while time.monotonic() - start < args["window"]:
-    port = args["ports"][index % len(args["ports"])]
-    thread = threading.Thread(target=one, args=(index, port), daemon=True)
-    thread.start()
-    threads.append(thread)
-    index += 1
-    time.sleep(max(0.0, start + index * args["every"] - time.monotonic()))
-for thread in threads:
-    thread.join(args["timeout"] * 4)
-print(json.dumps(results), flush=True)
-"""
-
 
 def start_new_sessions(lab):
-    args = {
-        "server": seedlab.VIP,
-        "ports": [25, 587],
-        "source": seedlab.MAIL_CLIENT,
-        "rcpt": "someone@example.org",
-        "every": NEW_EVERY,
-        "window": NEW_WINDOW,
-        "timeout": NEW_TIMEOUT,
-    }
-    return lab.ns("client").popen(
-        ["python3", "-c", NEW_SESSIONS, json.dumps(args)], stdout=subprocess.PIPE
+    targets = [
+        {"server": seedlab.VIP, "port": port, "source": seedlab.MAIL_CLIENT,
+         "rcpt": "someone@example.org"}
+        for port in (25, 587)
+    ]  # fmt: skip
+    return NewSessions(lab.ns("client"), targets, NEW_EVERY, NEW_WINDOW, NEW_TIMEOUT)
+
+
+# A table of the test's own on each relay, hooked after relayroute's marking in
+# either backend (nftables' at mangle - 1, iptables' in mangle): it counts the
+# connections that arrive from each node's MAC and leave prerouting with the
+# proxy's mark, i.e. that relayroute's MAC rule for that node marked.
+COUNTING = "inet lab_marked_by_mac"
+
+
+@pytest.fixture
+def mark_counters(lab, applied):
+    """The counting table on every relay, for the test's length."""
+    rules = "".join(
+        f"ct state new ether saddr {lab.node_mac(name)} meta mark & 0xff == {MARK:#x} "
+        f'counter comment "{name}"\n'
+        for name in lab.nodes
     )
-
-
-def ours(ns):
-    """relayroute's part of a relay: its rules, table routes and chains (no counters)."""
-    snap = ns.snapshot()
-    return {
-        "rules": [line for line in snap["rules"].splitlines() if "proto 210" in line],
-        "routes": [line for line in snap["routes"].splitlines() if "proto 210" in line],
-        "chains": [line for line in snap["iptables"].splitlines() if "RELAYROUTE" in line],
-    }
+    text = (
+        f"table {COUNTING} {{\n chain pre {{\n type filter hook prerouting priority -100;\n"
+        f"{rules} }}\n}}\n"
+    )
+    try:
+        for name in lab.relay_addresses:
+            lab.ns(name).exec(["nft", "-f", "-"], input=text)
+        yield
+    finally:
+        for name in lab.relay_addresses:
+            lab.ns(name).exec(["nft", "delete", "table", *COUNTING.split()], check=False)
 
 
 def mac_counters(lab):
-    """Packets each node's MAC rule has marked, summed over the relays (new proxied flows)."""
+    """New connections marked by each node's MAC rule so far, summed over the relays."""
     counts = Counter()
-    macs = {lab.node_mac(name): name for name in lab.nodes}
     for name in lab.relay_addresses:
-        for line in lab.ns(name).exec("iptables-save -c -t mangle").stdout.splitlines():
-            match = re.match(
-                r"\[(\d+):\d+\] -A RELAYROUTE-RELAY-\S+ -m mac --mac-source (\S+)", line
-            )
-            if match and match.group(2).lower() in macs:
-                counts[macs[match.group(2).lower()]] += int(match.group(1))
+        out = lab.ns(name).exec(["nft", "-j", "list", "table", *COUNTING.split()]).stdout
+        for item in json.loads(out)["nftables"]:
+            rule = item.get("rule")
+            if rule and rule.get("comment") in lab.nodes:
+                for statement in rule["expr"]:
+                    if "counter" in statement:
+                        counts[rule["comment"]] += statement["counter"]["packets"]
     return {name: counts[name] for name in lab.nodes}
 
 
@@ -256,7 +228,7 @@ def salt_jobs(master, since, until):
 
 
 @pytest.mark.timeout(HELD_WINDOW_MAX + 900)
-@pytest.mark.usefixtures("noop_tolerant_postfix")
+@pytest.mark.usefixtures("noop_tolerant_postfix", "mark_counters")
 def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
     timeouts = applied["haproxy"][A].timeouts()
     assert min(timeouts["client"], timeouts["server"]) > HELD_WINDOW_MAX, timeouts
@@ -270,9 +242,10 @@ def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
     # Only the minion id differs (the header, the health check's EHLO name).
     assert len({text.replace(n, "NODE") for n, text in configs.items()}) == 1, configs
     for name in lab.nodes:
-        assert "--transparent" in lab.ns(name).exec("iptables-save -t mangle").stdout, name
+        held = filters.holding(lab.ns(name), "proxy")
+        assert held == [filters.lab_backend(lab)], (name, held)
 
-    before = {name: ours(lab.ns(name)) for name in lab.relay_addresses}
+    before = {name: filters.ours(lab.ns(name)) for name in lab.relay_addresses}
     assert all(all(part.values()) for part in before.values()), before
     vip_before = mail_via_vip(lab, (25, 587) * 2)
     assert all(r.ok for r in vip_before), [r.text for r in vip_before if not r.ok]
@@ -321,8 +294,7 @@ def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
         # from then on reach node B, and node B's replies reach them.
         t_move = max(moved.values())
         vrrp[A].wait(timeout=30)
-        out, _ = new.communicate(timeout=NEW_WINDOW + NEW_TIMEOUT * 5)
-        sessions = json.loads(out)
+        sessions = new.results()
         held.window("after the failover")
         time.sleep(INTERVAL + REPLY_BOUND)
         status = held.status()
@@ -342,10 +314,10 @@ def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
         via = {n: counters_after[n] - counters_t0[n] for n in lab.nodes}
         via_before = {n: counters_t0[n] - counters_before[n] for n in lab.nodes}
         flows_after = proxied_flows(lab)
-        after = {name: ours(lab.ns(name)) for name in lab.relay_addresses}
+        after = {name: filters.ours(lab.ns(name)) for name in lab.relay_addresses}
         wall_until = datetime.datetime.now()
     finally:
-        if new is not None and new.poll() is None:
+        if new is not None:
             new.kill()
         results = held.finish()
         held.close()
@@ -408,8 +380,9 @@ def test_failover_to_node_b_without_reapply(applied, lab, vrrp, master):
             f"node B {opens[B]}",
             f"relays' conntrack, proxied flows opened since the held ones: {len(new_flows)}, "
             f"marks {dict(new_marks)}",
-            f"connections the relays marked by node MAC (the MAC rules' counters): from the "
-            f"held sessions' start to the SIGTERM {via_before}, since then {via}",
+            "connections the relays marked by node MAC (new ones from its MAC that leave "
+            "prerouting with the proxy's mark): from the held sessions' start to the SIGTERM "
+            f"{via_before}, since then {via}",
             "relayroute's rules, routes and chains on the relays: "
             + ("identical to before" if after == before else "DIFFER"),
             f"Salt jobs published from before the move to the end: {jobs or 'none'}",
