@@ -47,6 +47,12 @@ if __name__ not in sys.modules:
     _placeholder.__path__ = __path__
     sys.modules[__name__] = _placeholder
 
+from . import lazy  # noqa: E402
+
+# The loader re-runs each sub-module on each of its loads: one whose file did
+# not change since it ran in this process is kept as it is (lazy.py).
+lazy.keep_unchanged_submodules(__name__)
+
 from . import engine, follow, model, netlink, planner, topology  # noqa: E402
 from . import family as families  # noqa: E402
 from . import persist as persistence  # noqa: E402

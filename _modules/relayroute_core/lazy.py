@@ -23,12 +23,25 @@ submodule only.
 imported on the first call: ``IPRoute = attribute("pyroute2.iproute.linux",
 "IPRoute")`` and ``with IPRoute() as ipr:`` works unchanged.
 
+``keep_unchanged_submodules(package)``: Salt's loader re-runs every
+sub-module of a package it loads, each time it loads it (``importlib.reload``
+of each module attribute, recursively), and ``salt-call state.apply`` loads
+relayroute twice (the renderer's loader for ``map.jinja``, the states' own):
+each of the engine's modules ran three to four times per call, its dataclasses
+made anew each time. After this, a reload of a sub-module whose source file is
+the one it ran from in this process (same size, modification time and inode)
+keeps the module as it is; a changed file (``saltutil.sync_modules``) runs
+again, as before.
+
 Salt's loader re-runs this file in place on a reload (``importlib.reload``):
-a package already in ``sys.modules``, deferred or not, is left as it is.
+a package already in ``sys.modules``, deferred or not, is left as it is, and
+so is a finder already installed.
 """
 
 import importlib
+import importlib.machinery
 import importlib.util
+import os
 import sys
 import threading
 
@@ -109,3 +122,74 @@ class attribute:  # noqa: N801 - used where the class it stands for was
     def __repr__(self):
         state = "imported" if self._target is not None else "not imported yet"
         return f"<lazy {self.module}.{self.name}, {state}>"
+
+
+def _stamp(path):
+    try:
+        stat = os.stat(path)
+    except (OSError, TypeError):
+        return None
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+class _Ran(importlib.machinery.SourceFileLoader):
+    """The loader of a module re-run from the file it ran from: running it again does nothing."""
+
+    def exec_module(self, module):
+        pass
+
+
+class _KeepUnchanged:
+    """A meta-path finder for the sub-modules of one package (see ``keep_unchanged_submodules``)."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+        self.stamps = {}  # module name: stamp of the file it last ran from
+
+    def note(self, name, module):
+        stamp = _stamp(getattr(module, "__file__", None))
+        if stamp is not None:
+            self.stamps[name] = stamp
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not fullname.startswith(self.prefix):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.origin is None or spec.submodule_search_locations is not None:
+            return None  # no source file of a plain module: the usual finders' business
+        stamp = _stamp(spec.origin)
+        module = sys.modules.get(fullname)
+        if (
+            target is not None
+            and target is module
+            and stamp is not None
+            and self.stamps.get(fullname) == stamp
+            and getattr(module, "__file__", None) == spec.origin
+        ):
+            return importlib.util.spec_from_file_location(
+                fullname, spec.origin, loader=_Ran(fullname, spec.origin)
+            )
+        # A first import, or a file that changed: it runs, from this file.
+        if stamp is not None:
+            self.stamps[fullname] = stamp
+        return spec
+
+
+def keep_unchanged_submodules(package):
+    """
+    Reloads of ``package``'s sub-modules keep a module whose source file did
+    not change since it ran in this process (see above). Idempotent.
+    """
+    prefix = package + "."
+    with _LOCK:
+        # A finder installed before a reload of this file is of the class it had then.
+        mine = [f for f in sys.meta_path if type(f).__name__ == _KeepUnchanged.__name__]
+        finder = next((f for f in mine if f.prefix == prefix), None)
+        if finder is None:
+            finder = _KeepUnchanged(prefix)
+            sys.meta_path.insert(0, finder)
+        # Sub-modules imported before the finder was (this one): they ran from these files.
+        for name, module in list(sys.modules.items()):
+            if name.startswith(prefix) and name not in finder.stamps:
+                finder.note(name, module)
+    return finder

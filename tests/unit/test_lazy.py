@@ -1,7 +1,9 @@
 """
 ``lazy``: pyroute2's package ``__init__`` deferred until someone asks the
 package for a name it does not hold, conntrack imported on its first use; the
-rest of the process (Salt's own modules) sees pyroute2 as before.
+rest of the process (Salt's own modules) sees pyroute2 as before; a reload
+(Salt's loader reloads every sub-module on each load) keeps a sub-module whose
+file did not change and runs a changed one again.
 
 Each check runs in a fresh interpreter: the test process has its own pyroute2
 already, and a deferred package is process-wide.
@@ -144,3 +146,72 @@ def test_a_deferred_init_runs_once_and_its_names_stay():
         """
     )
     assert seen == {"one_class": True, "count": 4, "initialised": True}
+
+
+def test_a_reload_keeps_a_sub_module_whose_file_did_not_change_and_reruns_a_changed_one(tmp_path):
+    # A package like relayroute_core, reloaded as Salt's loader does on each load.
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from relayroute_core import lazy\n"
+        "lazy.keep_unchanged_submodules(__name__)\n"
+        "from . import sub\n"
+    )
+    (package / "sub.py").write_text(
+        "import builtins\n"
+        "builtins.sub_runs = getattr(builtins, 'sub_runs', 0) + 1\n"
+        "class Thing:\n"
+        "    pass\n"
+        "VALUE = 1\n"
+    )
+    seen = _run(
+        f"""
+        import builtins, importlib, os
+        sys.path.insert(0, {str(tmp_path)!r})
+        import pkg
+        thing = pkg.sub.Thing
+        for _ in range(3):
+            importlib.reload(pkg)
+            importlib.reload(pkg.sub)
+        kept = {{"runs": builtins.sub_runs, "same_class": pkg.sub.Thing is thing,
+                 "loader": type(pkg.sub.__loader__).__name__,
+                 "source": "VALUE = 1" in pkg.sub.__loader__.get_source("pkg.sub")}}
+        path = pkg.sub.__file__
+        with open(path, "a") as source:
+            source.write("VALUE = 2\\n")
+        importlib.reload(pkg.sub)
+        changed = {{"runs": builtins.sub_runs, "value": pkg.sub.VALUE,
+                    "same_class": pkg.sub.Thing is thing}}
+        importlib.reload(pkg.sub)
+        again = {{"runs": builtins.sub_runs, "value": pkg.sub.VALUE}}
+        print(json.dumps({{"kept": kept, "changed": changed, "again": again}}))
+        """
+    )
+    assert seen["kept"] == {"runs": 1, "same_class": True, "loader": "_Ran", "source": True}
+    assert seen["changed"] == {"runs": 2, "value": 2, "same_class": False}
+    assert seen["again"] == {"runs": 2, "value": 2}
+
+
+def test_the_engine_reloaded_as_salts_loader_does_keeps_its_modules():
+    seen = _run(
+        """
+        import importlib, types
+        import relayroute_core
+        from relayroute_core import engine, planner
+
+        def reload_submodules(mod):  # salt.loader.lazy.LazyLoader._reload_submodules
+            prefix = mod.__name__ + "."
+            for name in dir(mod):
+                sub = getattr(mod, name)
+                if isinstance(sub, types.ModuleType) and sub.__name__.startswith(prefix):
+                    importlib.reload(sub)
+                    reload_submodules(sub)
+
+        owner, backends = planner.Owner, engine.BACKENDS
+        importlib.reload(relayroute_core)
+        reload_submodules(relayroute_core)
+        print(json.dumps({"same": planner.Owner is owner and engine.BACKENDS is backends,
+                          "plan": engine.planner is planner}))
+        """
+    )
+    assert seen == {"same": True, "plan": True}
