@@ -32,7 +32,7 @@ class MaskedTwoLeggedLab(seedlab.TwoLeggedLab):
 
 @pytest.fixture(scope="package")
 def lab():
-    built = MaskedTwoLeggedLab(backend="iptables")
+    built = MaskedTwoLeggedLab()
     try:
         yield built
     finally:

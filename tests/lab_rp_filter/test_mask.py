@@ -6,10 +6,19 @@ default derived from the mask), and both mail paths work.
 
 import pytest
 
+from tests.lab import filters
 from tests.lab_rp_filter.conftest import DIVERT_MARK, MASK, PROXY_MARK
 from tests.support.seedlab import mail_direct, mail_via_vip, report
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
+
+# How each backend's divert sets DIVERT_MARK under MASK (nft prints x & ~M | V
+# as x & (~M | V) | V: nftables.py).
+DIVERT_SETS = {
+    "iptables": f"-j MARK --set-xmark {DIVERT_MARK:#x}/{MASK:#x}",
+    "nftables": f"DIVERT meta mark set meta mark & {~MASK & 0xFFFFFFFF | DIVERT_MARK:#x} "
+    f"| {DIVERT_MARK:#x}",
+}
 
 
 def marks_of(ns, port):
@@ -24,10 +33,12 @@ def test_both_roles_and_both_paths_with_mask_0xf0(applied, lab):
     proxy = lab.ns("master-relay")
     rules = proxy.exec("ip -4 rule show").stdout
     assert f"fwmark {DIVERT_MARK:#x}/{MASK:#x} lookup 100" in rules, rules
-    divert = proxy.exec("iptables-save -t mangle").stdout
-    assert f"-j MARK --set-xmark {DIVERT_MARK:#x}/{MASK:#x}" in divert, divert
+    backend = filters.lab_backend(lab)
+    divert = "\n".join(filters.owned(proxy, "proxy")[backend])
+    assert DIVERT_SETS[backend] in divert, divert
     for name in lab.relay_addresses:
         relay = lab.ns(name)
+        assert filters.holding(relay) == [backend], name
         rules = relay.exec("ip -4 rule show").stdout
         assert f"fwmark {PROXY_MARK:#x}/{MASK:#x} lookup 1000254" in rules, (name, rules)
         relay.exec("conntrack -F", check=False)
@@ -46,8 +57,8 @@ def test_both_roles_and_both_paths_with_mask_0xf0(applied, lab):
     report(
         "mark mask 0xf0",
         [
-            f"master-relay divert fwmark {DIVERT_MARK:#x}/{MASK:#x}; relays fwmark "
-            f"{PROXY_MARK:#x}/{MASK:#x}",
+            f"backend {backend}; master-relay divert fwmark {DIVERT_MARK:#x}/{MASK:#x}; "
+            f"relays fwmark {PROXY_MARK:#x}/{MASK:#x}",
             f"direct to 3 of 3 relays ok; {len(proxied)} of {len(proxied)} through the VIP ok",
             f"connmarks on 25: {sorted(set(seen[25]))}, on 587: {sorted(set(seen[587]))}",
         ],
