@@ -87,7 +87,10 @@ class PostfixInstance:
     or at exit). ``inet_interfaces`` are the addresses smtpd listens on (port 25
     and, unless ``submission`` is false, 587). Relaying is permitted for
     ``mynetworks`` only; mail to ``<anyone>@<myhostname>`` is accepted as local
-    mail. ``extra_main`` adds or overrides main.cf parameters.
+    mail. ``extra_main`` adds or overrides main.cf parameters. Addresses and
+    networks of either family are written as they are (IPv6 ones are put in
+    Postfix's brackets here); with an IPv6 address among ``inet_interfaces``
+    the instance speaks both families (``inet_protocols = all``).
     """
 
     def __init__(
@@ -136,9 +139,11 @@ class PostfixInstance:
             "mydomain": self.myhostname.split(".", 1)[-1],
             "myorigin": "$myhostname",
             "mydestination": "$myhostname, localhost",
-            "mynetworks": " ".join(self.mynetworks),
-            "inet_interfaces": ", ".join(self.inet_interfaces),
-            "inet_protocols": "ipv4",
+            "mynetworks": " ".join(_bracketed(n) for n in self.mynetworks),
+            "inet_interfaces": ", ".join(_bracketed(a) for a in self.inet_interfaces),
+            # IPv6 only when smtpd listens on an IPv6 address: an IPv4-only
+            # instance's main.cf is what it has always been.
+            "inet_protocols": "all" if any(":" in a for a in self.inet_interfaces) else "ipv4",
             "relay_domains": "",
             "relayhost": "",
             "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
@@ -313,6 +318,14 @@ class PostfixInstance:
     def postcat(self, queue_id):
         """The queue file of ``queue_id`` as text (envelope and content)."""
         return self.ns.exec(["postcat", "-c", str(self.config_dir), "-q", queue_id]).stdout
+
+
+def _bracketed(address):
+    """Postfix's form of an IPv6 address or network: '[2001:db8::]/64'; others unchanged."""
+    if ":" not in address or address.startswith("["):
+        return address
+    host, slash, prefix = address.partition("/")
+    return f"[{host}]{slash}{prefix}"
 
 
 def wait_for_messages(instances, queue_ids, timeout=LOG_TIMEOUT):

@@ -13,11 +13,22 @@ salt-master in the root namespace: a veth whose root end carries
 198.51.100.129/32 and whose namespace end a /32 of its own, with one host route
 each way. No default route, no other traffic: the lab's mail flows only on the
 lab's own networks.
+
+``SeedLab(dual_stack=True)`` adds the same network in IPv6 (``IPV6`` below),
+every host and link of the IPv4 layout mirrored in 2001:db8::/32: clients in
+2001:db8:203::/64, the LAN 2001:db8:2::/64 (gw ::1, master-relay ::2, relays
+::11-::13), the VIP 2001:db8:100::25, inet's links to gw and master-relay
+2001:db8:1::/64 and 2001:db8:1:4::/64. Duplicate address detection is off in
+every namespace (addresses are usable at once), the bridges do not snoop
+multicast (neighbour discovery is never filtered by a missed MLD report), and
+master-relay forwards in neither family (TPROXY delivers locally).
 """
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Dict
 
 from tests.support.hosts import make_stateful, uplinks
 from tests.support.netns import (
@@ -43,15 +54,49 @@ OUTSIDER = "203.0.113.30"  # not in the relays' mynetworks, connects through the
 NETNS_ETC = Path("/etc/netns")
 
 
+@dataclass(frozen=True)
+class Side:
+    """One family's addresses in the lab: what a test sends from and to."""
+
+    family: int
+    vip: str
+    mail_client: str  # in the relays' mynetworks, sends through the VIP
+    external_mta: str  # outside mynetworks, sends straight to a relay
+    gateway: str
+    proxy_lan: str
+    lan: str
+    relays: Dict[str, str] = field(default_factory=dict)
+    # The clients the relays' Postfix lets relay (the mail client, not the MTA).
+    trusted_clients: str = ""
+
+
+IPV4 = Side(4, VIP, MAIL_CLIENT, EXTERNAL_MTA, GATEWAY, PROXY_LAN, LAN, RELAYS, "203.0.113.0/28")
+IPV6 = Side(
+    6,
+    vip="2001:db8:100::25",
+    mail_client="2001:db8:203::10",
+    external_mta="2001:db8:203::20",
+    gateway="2001:db8:2::1",
+    proxy_lan="2001:db8:2::2",
+    lan="2001:db8:2::/64",
+    relays={"relay1": "2001:db8:2::11", "relay2": "2001:db8:2::12", "relay3": "2001:db8:2::13"},
+    # ::0-::1f: the mail client (::10), not the external MTA (::20).
+    trusted_clients="2001:db8:203::/123",
+)
+
+
 class SeedLab:
     """Builds the namespaces; ``teardown`` removes them and their /etc/netns overlays."""
 
     name = "seed"
 
-    def __init__(self, relays=RELAYS, backend=None):
+    def __init__(self, relays=RELAYS, backend=None, dual_stack=False):
         # The packet-filter backend the pillar names; None names none, so the
         # platform's default (parameters/: nftables on Debian 12) is what runs.
         self.backend = backend
+        # IPv6 beside IPv4 (the IPV6 side); off, the lab is IPv4 only as ever.
+        self.dual_stack = dual_stack
+        self.sides = {4: IPV4, 6: IPV6} if dual_stack else {4: IPV4}
         # Where HAProxy and the pillar reach each relay, and where clients do.
         self.relay_addresses = dict(relays)
         self.direct_addresses = dict(relays)
@@ -80,6 +125,11 @@ class SeedLab:
         (overlay / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {short}\n")
         for sub in ("haproxy", "sysctl.d", "relayroute", "systemd"):
             (overlay / sub).mkdir(exist_ok=True)
+        if self.dual_stack:
+            # Before any link exists: every address of the lab (link-local ones
+            # too) is usable at once, not tentative for a second of DAD.
+            for key in ("all", "default"):
+                ns.sysctl(f"net.ipv6.conf.{key}.accept_dad", 0)
         return ns
 
     def _build(self):
@@ -104,6 +154,46 @@ class SeedLab:
             host.sysctl("net.ipv4.conf.default.rp_filter", 0)
         for name in ("master-relay", *relays):
             self._management_link(self.hosts[name])
+        if self.dual_stack:
+            self._build_ipv6(client, inet, gw, proxy, relays)
+
+    def _build_ipv6(self, client, inet, gw, proxy, relays):
+        """The IPv6 side (``IPV6``), on the links ``_build`` made, as in IPv4."""
+        side = IPV6
+
+        def add(host, address, dev):
+            host.ip(f"-6 addr add {address} dev {dev} nodad")
+
+        for address in (side.mail_client, side.external_mta):
+            add(client, f"{address}/64", "eth0")
+        client.ip("-6 route add default via 2001:db8:203::1")
+        add(inet, "2001:db8:203::1/64", "c0")
+        add(inet, "2001:db8:1::1/64", "g0")
+        add(gw, "2001:db8:1::2/64", "up0")
+        add(inet, "2001:db8:1:4::1/64", "p0")
+        add(proxy, "2001:db8:1:4::2/64", "up0")
+        inet.ip(f"-6 route add {side.lan} via 2001:db8:1::2")
+        inet.ip(f"-6 route add {side.vip}/128 via 2001:db8:1:4::2")
+        add(proxy, f"{side.vip}/128", "lo")
+        proxy.ip("-6 route add default via 2001:db8:1:4::1")
+        gw.ip("-6 route add default via 2001:db8:1::1")
+        for router in (inet, gw):
+            router.sysctl("net.ipv6.conf.all.forwarding", 1)
+        make_stateful_ipv6(gw)
+        self._lans_ipv6(gw, proxy, relays)
+        for relay in relays.values():
+            relay.ip(f"-6 route add default via {side.gateway}")
+
+    def _lans_ipv6(self, gw, proxy, relays):
+        """The seed's LAN in IPv6: the same bridge, one more address on each lan0."""
+        side = IPV6
+        self.hosts["lan"].ip("link set br0 type bridge mcast_snooping 0")
+        for host, address in (
+            (gw, side.gateway),
+            (proxy, side.proxy_lan),
+            *((relays[name], address) for name, address in side.relays.items()),
+        ):
+            host.ip(f"-6 addr add {address}/64 dev lan0 nodad")
 
     def bridge(self, short, members, prefixlen):
         """A bridge namespace joining ``(host, port name, address)`` members on lan-side ifs."""
@@ -123,22 +213,33 @@ class SeedLab:
 
     def pillar(self):
         """This lab's topology as relayroute's pillar (documentation ranges only)."""
+        extra = [side for family, side in sorted(self.sides.items()) if family != 4]
+
+        def one_or_all(first, more):
+            # IPv4 only: the plain string, as the seed's pillar has always had it.
+            return [first, *more] if more else first
+
         return {
             "relayroute": {
-                "lan_networks": list(self.lan_networks),
+                "lan_networks": [*self.lan_networks, *(side.lan for side in extra)],
                 "mark_mask": 0xFF,
                 **({"backend": self.backend} if self.backend else {}),
                 "ports": [25, 587],
                 "proxies": {
                     "master-relay": {
-                        "address": self.proxy_address,
+                        "address": one_or_all(
+                            self.proxy_address, [side.proxy_lan for side in extra]
+                        ),
                         "mark": 254,
                         "table": 1000254,
                         "priority": 1000,
-                        "vip": VIP,
+                        "vip": one_or_all(VIP, [side.vip for side in extra]),
                     }
                 },
-                "relays": {name: {"address": a} for name, a in self.relay_addresses.items()},
+                "relays": {
+                    name: {"address": one_or_all(a, [side.relays[name] for side in extra])}
+                    for name, a in self.relay_addresses.items()
+                },
                 # Wider than the longest a lab test holds sessions open (HELD_WINDOW_MAX
                 # in test_live_safety): no idle timer of HAProxy's ends one.
                 "proxy": {"haproxy": {"timeouts": {"client": "10m", "server": "10m"}}},
@@ -314,28 +415,64 @@ def report(title, lines):
         print(f"  {line}")
 
 
-def mail_direct(lab, name, timeout=20):
-    """One message from the external MTA straight to a relay, for its own domain."""
+def mail_direct(lab, name, timeout=20, side=None):
+    """
+    One message from the external MTA straight to a relay, for its own domain;
+    with ``side`` (IPV4, IPV6), from and to that family's addresses.
+    """
     return send_mail(
         lab.ns("client"),
-        lab.direct_addresses[name],
+        side.relays[name] if side else lab.direct_addresses[name],
         25,
         rcpt_to=f"postmaster@{name}.lab.example",
-        local_interface=EXTERNAL_MTA,
+        local_interface=side.external_mta if side else EXTERNAL_MTA,
         timeout=timeout,
     )
 
 
-def mail_via_vip(lab, ports, source=MAIL_CLIENT, timeout=20):
-    """One message through the VIP per entry of ``ports``, relayed to an outside domain."""
+def mail_via_vip(lab, ports, source=None, timeout=20, side=None):
+    """
+    One message through the VIP per entry of ``ports``, relayed to an outside
+    domain; from ``source``, by default the mail client. With ``side`` (IPV4,
+    IPV6), through that family's VIP and from its mail client.
+    """
+    side = side or IPV4
     return [
         send_mail(
             lab.ns("client"),
-            VIP,
+            side.vip,
             port,
             rcpt_to="someone@example.org",
-            local_interface=source,
+            local_interface=source or side.mail_client,
             timeout=timeout,
         )
         for port in ports
     ]
+
+
+# The comment on the IPv6 drop rule of make_stateful_ipv6, by which its counter is read.
+STATEFUL_DROP_IPV6 = "stateful: conntrack INVALID (IPv6)"
+
+
+def make_stateful_ipv6(router):
+    """
+    ``hosts.make_stateful`` for IPv6 (call that first: conntrack's TCP
+    strictness, ``nf_conntrack_tcp_loose = 0``, is one setting for both
+    families): forwarded IPv6 packets of connections the router did not see
+    begin are dropped and counted.
+    """
+    router.exec(
+        [
+            "ip6tables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID",
+            "-m", "comment", "--comment", STATEFUL_DROP_IPV6, "-j", "DROP",
+        ]
+    )  # fmt: skip
+
+
+def dropped_ipv6(router):
+    """IPv6 packets a router of ``make_stateful_ipv6`` dropped as conntrack INVALID."""
+    listing = router.exec("ip6tables -t filter -L FORWARD -n -v -x").stdout
+    for line in listing.splitlines():
+        if f"/* {STATEFUL_DROP_IPV6} */" in line:
+            return int(line.split()[0])
+    raise LookupError(f"{router.name}: no FORWARD rule commented {STATEFUL_DROP_IPV6!r}")
