@@ -43,6 +43,7 @@ import time
 
 import pytest
 
+from tests.lab.filters import ours
 from tests.lab.test_live_safety import (
     noop_tolerant_postfix,  # noqa: F401 - a fixture
     smtp_retransmits,
@@ -51,7 +52,6 @@ from tests.lab.test_watch import (
     LINK,
     RELAY,
     Watcher,
-    ours,
     probe_proxied,
     sessions_spec,
 )
