@@ -16,6 +16,7 @@ dual-stack proxy, applied through Salt's loaders, then real IPv6 traffic.
   while another tool's ip6tables mangle rules and another nft table stay.
 """
 
+import os
 import re
 import textwrap
 
@@ -28,6 +29,8 @@ from tests.support.tcp import connect, start_server
 pytestmark = pytest.mark.root
 
 BACKENDS = ["iptables", "nftables"]
+# The iptables backend on both of its flavours (iptables-nft, the host's; iptables-legacy).
+FLAVOURS = ["iptables", "iptables-legacy", "nftables"]
 RELAY6, PROXY6, GW6 = "2001:db8:2::11", "2001:db8:2::2", "2001:db8:2::1"
 DIRECT6, PROXIED6 = "2001:db8:203::10", "2001:db8:203::20"
 MARK = 254
@@ -71,6 +74,36 @@ while True:
         print("reply from", peer[0])
         break
 """
+
+
+def shim(directory, links):
+    """A directory of tools (``{name: target}``) to put first on PATH."""
+    directory.mkdir()
+    for name, target in links.items():
+        (directory / name).symlink_to(target)
+    return directory
+
+
+@pytest.fixture
+def flavour(request, tmp_path, monkeypatch):
+    """
+    The backend a test runs (the parameter), and with ``iptables-legacy`` every
+    iptables tool, IPv4's and IPv6's, is legacy's for the test, with an xtables
+    lock of the test's own.
+    """
+    name = request.param
+    if name == "iptables-legacy":
+        tools = [
+            f"{base}{suffix}"
+            for base in ("iptables", "ip6tables")
+            for suffix in ("", "-save", "-restore")
+        ]
+        links = {tool: f"/usr/sbin/{tool.replace('tables', 'tables-legacy', 1)}" for tool in tools}
+        directory = shim(tmp_path / "legacy-bin", links)
+        monkeypatch.setenv("PATH", f"{directory}:{os.environ['PATH']}")
+        monkeypatch.setenv("XTABLES_LOCKFILE", str(tmp_path / "xtables.lock"))
+        return "iptables"
+    return name
 
 
 @pytest.fixture
@@ -167,8 +200,9 @@ def ours(relay):
     }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ipv6_traffic_is_marked_by_the_proxys_mac_alone(loaders, net6, backend):
+@pytest.mark.parametrize("flavour", FLAVOURS, indirect=True)
+def test_ipv6_traffic_is_marked_by_the_proxys_mac_alone(loaders, flavour, net6):
+    backend = flavour
     client, relay, proxy = net6["client"], net6["relay"], net6["proxy"]
     relay.exec(["ip6tables-restore", "--noflush"], input=FOREIGN_MANGLE6)
     relay.exec(["nft", "-f", "-"], input=OBSERVER)
@@ -187,6 +221,11 @@ def test_ipv6_traffic_is_marked_by_the_proxys_mac_alone(loaders, net6, backend):
         assert "-A PREROUTING -j RELAYROUTE-RELAY-PRE" in held["iptables"]
         assert "ip6tables: -A PREROUTING -j RELAYROUTE-RELAY-PRE" in ret.changes["iptables"]["new"]
         assert held["nft"] is None
+        # In the flavour the tools on PATH speak, and nothing in the other one.
+        kind = "legacy" if "legacy" in relay.exec("ip6tables -V").stdout else "nft"
+        other = {"legacy": "nft", "nft": "legacy"}[kind]
+        for tool in ("iptables", "ip6tables"):
+            assert "RELAYROUTE" not in relay.exec(f"{tool}-{other}-save -t mangle").stdout
     else:
         assert "ip6 saddr 2001:db8:2::/64 return" in held["nft"]
         assert "icmpv6 type {" in held["nft"]
@@ -317,3 +356,55 @@ def test_the_ipv6_vip_is_diverted_to_its_transparent_listener(loaders, proxy_net
     assert "relayroute_proxy" not in proxy.exec("nft list tables").stdout
     assert "table inet observer" in proxy.exec("nft list tables").stdout
     assert connect(client, VIP6, 25, CLIENT6, timeout=4) is None
+
+
+FAILING_RESTORE = """#!/bin/sh
+cat >/dev/null
+echo "ip6tables-restore: line 4 failed (injected)" >&2
+exit 1
+"""
+
+
+def mangle6(ns):
+    """``ip6tables-save -t mangle`` without its comments (they carry the time)."""
+    lines = ns.exec("ip6tables-save -t mangle").stdout.splitlines()
+    return [line for line in lines if not line.startswith("#")]
+
+
+def test_a_failing_ip6tables_restore_puts_iptables_back(loaders, net6, tmp_path, monkeypatch):
+    """
+    IPv4 is written first, then IPv6: when ip6tables-restore fails, the IPv4
+    chains written a moment before are put back, the routes and rules undone,
+    and the error names the tool that failed.
+    """
+    relay = net6["relay"]
+    args = relay_args(net6, "iptables")
+    with relay.entered():
+        # The IPv4-only plan in place.
+        first = {
+            **args,
+            "lan_networks": ["192.0.2.0/24"],
+            "proxies": {
+                "master-relay": {**args["proxies"]["master-relay"], "address": "192.0.2.2"}
+            },
+        }
+        assert loaders.states.relayroute.relay_present(name="r", **first).result is True
+        before = {**relay.snapshot(), "ip6tables": mangle6(relay)}
+        failing = tmp_path / "failing-bin"
+        failing.mkdir()
+        (failing / "ip6tables-restore").write_text(FAILING_RESTORE)
+        (failing / "ip6tables-restore").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{failing}:{os.environ['PATH']}")
+        # Dual stack, and another IPv4 network of the relays': both tools have work.
+        networks = [*args["lan_networks"], "198.51.100.0/24"]
+        ret = loaders.states.relayroute.relay_present(
+            name="r", **{**args, "lan_networks": networks}
+        )
+        monkeypatch.undo()
+    assert ret.result is False
+    assert "ip6tables-restore --noflush --wait 30 failed (1)" in ret.comment, ret.comment
+    assert "injected" in ret.comment
+    assert "iptables' part, already written, was put back as it was" in ret.comment
+    assert "previous state was restored" in ret.comment
+    after = {**relay.snapshot(), "ip6tables": mangle6(relay)}
+    assert after == before
