@@ -79,7 +79,13 @@ def test_the_beacon_fires_for_a_moved_proxy_mac_and_is_quiet_once_followed(
     with relay.entered():
         assert modules.relayroute.marked_macs() == {254: [mac_a]}
         assert modules.relayroute.discovered_proxies() == {
-            "master-relay": {"address": FLOATING, "mark": 254, "neighbour": mac_a}
+            "master-relay": {
+                "address": FLOATING,
+                "addresses": [FLOATING],
+                "mark": 254,
+                "neighbour": mac_a,
+                "neighbours": [mac_a],
+            }
         }
         assert beacons["relayroute.beacon"](config) == []
 
