@@ -93,6 +93,13 @@ def test_mail_in_both_families_direct_and_through_each_vip(
         # This round's flows only (the previous backend's sessions linger in TIME_WAIT).
         lab.ns(name).exec("conntrack -F", check=False)
 
+    # IPv6 needs no sysctl of the proxy's: the transparent binds (IPV6_TRANSPARENT)
+    # need no ip_nonlocal_bind, TPROXY delivers locally (no forwarding, which
+    # would make the host ignore router advertisements).
+    proxy = lab.ns("master-relay")
+    for key in ("net.ipv6.ip_nonlocal_bind", "net.ipv6.conf.all.forwarding"):
+        assert proxy.exec(f"sysctl -n {key}").stdout.strip() == "0", key
+
     sides = list(lab.sides.values())
     assert [side.family for side in sides] == [4, 6]
     lines = []

@@ -14,6 +14,13 @@ from typing import List, Optional, Tuple
 # reply, "*** " swaks' own error, "=== " information.
 _REPLY = re.compile(r"^<(?:-  |\*\* )(\d{3})([ -])(.*)$")
 _QUEUED = re.compile(r"queued as ([0-9A-Za-z]+)")
+# swaks without Perl's IO::Socket::INET6 (Debian: libio-socket-inet6-perl) exits
+# on an IPv6 server or local address without trying: not a broken path.
+_NO_IPV6 = "IPv6 not available"
+
+
+class SwaksError(RuntimeError):
+    """swaks could not try the session at all (a missing part of its own)."""
 
 
 @dataclass
@@ -70,7 +77,10 @@ def send_mail(
 
     ``rcpt_to`` is an address or a list of them; ``local_interface`` picks the
     client's source address (swaks ``--local-interface``); ``timeout`` (seconds)
-    bounds every wait for the server. Never raises on SMTP failure: see ``ok``.
+    bounds every wait for the server. ``server`` and ``local_interface`` may be
+    IPv6 addresses (swaks then needs Perl's IO::Socket::INET6). Never raises on
+    SMTP failure: see ``ok``; raises ``SwaksError`` when swaks could not try
+    (so a probe expected to fail never passes for the wrong reason).
     """
     recipients = rcpt_to if isinstance(rcpt_to, str) else ",".join(rcpt_to)
     argv = [
@@ -89,6 +99,8 @@ def send_mail(
     argv += list(extra_args)
     proc = ns.exec(argv, check=False, timeout=timeout * 4 + 10)
     transcript = proc.stdout + proc.stderr
+    if _NO_IPV6 in transcript:
+        raise SwaksError(f"{transcript.strip()} (install libio-socket-inet6-perl)")
     return SmtpResult(proc.returncode, transcript, parse_replies(transcript))
 
 
