@@ -408,3 +408,50 @@ def test_a_failing_ip6tables_restore_puts_iptables_back(loaders, net6, tmp_path,
     assert "previous state was restored" in ret.comment
     after = {**relay.snapshot(), "ip6tables": mangle6(relay)}
     assert after == before
+
+
+def state6(ns):
+    """Both families' rules and routes, both tools' rulesets and the nft ruleset, as text."""
+    return {
+        **ns.snapshot(),
+        "rules6": ns.exec("ip -6 rule show").stdout,
+        "routes6": ns.exec("ip -6 route show table all").stdout,
+        "ip6tables": mangle6(ns),
+        "nft": ns.exec("nft list table inet relayroute_relay", check=False).stdout,
+    }
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS, indirect=True)
+def test_the_boot_restore_puts_both_families_back(loaders, flavour, net6, tmp_path):
+    relay = net6["relay"]
+    persist = tmp_path / "relayroute"
+    with relay.entered():
+        ret = loaders.modules.relayroute.relay_apply(
+            persist_dir=str(persist), **relay_args(net6, flavour)
+        )
+    assert "routes" in ret["changes"], ret
+    applied = state6(relay)
+    assert "lookup 1000254" in applied["rules6"]
+    assert f"default via {PROXY6}" in applied["routes6"]
+    script = (persist / "relay.restore").read_text()
+    if flavour == "iptables":
+        assert "ip6tables-restore --noflush $w <<'RULES'" in script
+        assert "-A RELAYROUTE-RELAY-PRE -s fe80::/10 -j RETURN" in applied["ip6tables"]
+    else:
+        assert "ip6 saddr fe80::/10 return" in applied["nft"]
+    # What a reboot loses, in both families: filter state, rules, tables' routes.
+    relay.exec("nft delete table inet relayroute_relay", check=False)
+    for tool in ("iptables", "ip6tables"):
+        relay.exec(f"{tool} -t mangle -F")
+        relay.exec(f"{tool} -t mangle -X")
+    for flag in ("-4", "-6"):
+        relay.exec(f"ip {flag} rule del priority 1000", check=False)
+        relay.exec(f"ip {flag} route flush table 1000254", check=False)
+    assert state6(relay) != applied
+    relay.exec(["/bin/sh", str(persist / "relay.restore")])
+    assert state6(relay) == applied
+    # Idempotent: run again on a host that has it all, nothing changes.
+    relay.exec(["/bin/sh", str(persist / "relay.restore")])
+    assert state6(relay) == applied
+    with relay.entered():
+        loaders.modules.relayroute.relay_remove(persist_dir=str(persist), backend=flavour)
