@@ -367,3 +367,31 @@ def test_the_watcher_puts_ipv6_back(loaders, dual, tmp_path):
     print(text)
     assert f"rule -6 {PRIORITY}: from all fwmark 0xfe/0xff lookup {TABLE} proto 210" in text
     assert f"put back route -6 default via {PROXY6} dev eth0 table {TABLE}" in text
+
+
+def test_policy_routes_of_both_families_share_a_priority_and_stand_alone(loaders, dual):
+    relay = dual["relay"]
+    four = {"table": 1000250, "gateway": "192.0.2.2", "fwmark": 250, "fwmask": 0xFF}
+    six = {"table": 1000250, "gateway": PROXY6, "fwmark": 250, "fwmask": 0xFF}
+    assert relayroute(loaders, relay, "lookup_mac", address=PROXY6) == mac_of(dual["proxy"], "eth0")
+    first = relayroute(loaders, relay, "policy_route_apply", priority=1001, **four)
+    assert set(first["changes"]) == {"routes", "rules"}
+    second = relayroute(loaders, relay, "policy_route_apply", priority=1001, **six)
+    assert second["changes"]["rules"]["new"] == [
+        "ipv6 1001: from all fwmark 0xfa/0xff lookup 1000250 proto 212"
+    ]
+    assert relayroute(loaders, relay, "policy_route_apply", priority=1001, **six) == {"changes": {}}
+    assert relayroute(loaders, relay, "policy_route_apply", priority=1001, **four) == {
+        "changes": {}
+    }
+    relayroute(loaders, relay, "policy_route_remove", priority=1001, **six)
+    # The IPv4 one stands, untouched.
+    assert (
+        "1001:\tfrom all fwmark 0xfa/0xff lookup 1000250 proto 212"
+        in relay.exec("ip -4 rule show").stdout
+    )
+    assert relay.exec("ip -4 route show table 1000250").stdout.startswith("default via 192.0.2.2")
+    assert "proto 212" not in relay.exec("ip -6 rule show").stdout
+    assert relay.exec("ip -6 route show table 1000250").stdout == ""
+    relayroute(loaders, relay, "policy_route_remove", priority=1001, **four)
+    assert "proto 212" not in relay.exec("ip -4 rule show").stdout
