@@ -18,12 +18,14 @@ bound or used as a source.
 import pytest
 
 from tests.functional.test_watch_repairs import start_watcher, wait_for
+from tests.support import rh7boot
 from tests.support.hosts import (
     DIRECT,
     PROXIED,
     RELAY,
     dropped,
     internet,
+    lose_runtime_state,
     make_stateful,
     relay_lan,
 )
@@ -395,3 +397,78 @@ def test_policy_routes_of_both_families_share_a_priority_and_stand_alone(loaders
     assert relay.exec("ip -6 route show table 1000250").stdout == ""
     relayroute(loaders, relay, "policy_route_remove", priority=1001, **four)
     assert "proto 212" not in relay.exec("ip -4 rule show").stdout
+
+
+# ip6tables.service's saved file on a CentOS 7 relay ('service ip6tables save').
+ADMIN_IP6TABLES = (
+    "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+)
+
+
+def routing_state(ns):
+    """Both families' rules, relayroute's table and mangle rules, as the kernel lists them."""
+    state = {}
+    for flag, tool in (("-4", "iptables"), ("-6", "ip6tables")):
+        state[f"rules {flag}"] = ns.exec(f"ip {flag} rule show").stdout
+        state[f"table {flag}"] = ns.exec(f"ip {flag} route show table {TABLE}").stdout
+        mangle = ns.exec(f"{tool}-save -t mangle").stdout.splitlines()
+        state[tool] = [line for line in mangle if line.startswith("-A")]
+    return state
+
+
+def test_network_scripts_restore_both_families_at_boot(loaders, dual, tmp_path):
+    """
+    CentOS 7's boot from its own files (tests/support/rh7boot.py): IPv6's
+    route and rule from route6-/rule6-eth0, its chains from
+    /etc/sysconfig/ip6tables, beside IPv4's.
+    """
+    relay = dual["relay"]
+    sysconfig = tmp_path / "sysconfig"
+    scripts = sysconfig / "network-scripts"
+    rh7boot.prepare_host(
+        sysconfig, tmp_path / "systemd", rh7boot.ADMIN_SAVED_RULESET, ADMIN_IP6TABLES
+    )
+    (tmp_path / "sysctl.d").mkdir()
+    settings = {
+        "dir": str(tmp_path / "relayroute"),
+        "mechanism": "network-scripts",
+        "network_scripts_dir": str(scripts),
+        "iptables_file": str(sysconfig / "iptables"),
+        "sysctl_dir": str(tmp_path / "sysctl.d"),
+        "systemd_dir": str(tmp_path / "systemd"),
+    }
+    rh7boot.boot(relay, settings, ["eth0"])  # the host as it came up before relayroute
+    args = dual_args("iptables")
+    ret = relayroute(loaders, relay, "relay_apply", persist=settings, **args)
+    assert str(scripts / "route6-eth0") in ret["changes"]["persist"], ret
+    assert f"default via {PROXY6} dev eth0 table {TABLE} proto 210" in (
+        (scripts / "route6-eth0").read_text()
+    )
+    assert f"priority {PRIORITY} fwmark 0xfe/0xff lookup {TABLE} proto 210" in (
+        (scripts / "rule6-eth0").read_text()
+    )
+    assert "default via 192.0.2.2 dev eth0" in (scripts / "route-eth0").read_text()
+    saved6 = (sysconfig / "ip6tables").read_text()
+    assert saved6.startswith(ADMIN_IP6TABLES)  # the administrator's lines, byte for byte
+    assert "-A PREROUTING -j RELAYROUTE-RELAY-PRE" in saved6
+    applied = routing_state(relay)
+    assert RULE in applied["rules -6"]
+    assert "-A PREROUTING -j RELAYROUTE-RELAY-PRE" in applied["ip6tables"]
+
+    # A reboot: the kernel keeps nothing of it, the boot brings it back.
+    lose_runtime_state(relay, [TABLE])
+    relay.ip(f"-6 rule del priority {PRIORITY}")
+    relay.ip(f"-6 route flush table {TABLE}")
+    for option in ("-F", "-X"):
+        relay.exec(f"ip6tables -t mangle {option}")
+    assert RULE not in relay.exec("ip -6 rule show").stdout
+    rh7boot.boot(relay, settings, ["eth0"])
+    assert routing_state(relay) == applied
+    assert relayroute(loaders, relay, "relay_apply", persist=settings, **args) == {"changes": {}}
+    relayroute(loaders, relay, "relay_remove", persist=settings, backend="iptables")
+    assert not (scripts / "route6-eth0").exists()
+    # relayroute's lines are gone (the mangle table it added to a file that had
+    # none stays, with the built-in chains' ACCEPT policies: what it holds empty).
+    left = (sysconfig / "ip6tables").read_text()
+    assert left.startswith(ADMIN_IP6TABLES)
+    assert "RELAYROUTE" not in left

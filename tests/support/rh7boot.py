@@ -6,12 +6,15 @@ does it, run with this machine's ``iptables-restore``, ``sysctl`` and ``ip``:
 
 1. ``iptables.service`` (iptables-services, ``iptables.init start``):
    ``iptables-restore /etc/sysconfig/iptables``, which replaces every table the
-   file names.
+   file names; ``ip6tables.service`` the same with ``ip6tables-restore`` and
+   ``/etc/sysconfig/ip6tables``, when there is one.
 2. ``systemd-sysctl.service``: ``sysctl -p`` of each ``/etc/sysctl.d/*.conf``.
 3. ``network.service``: ``ifup`` of lo, then of each interface; ``ifup-post``
    runs ``ifup-routes DEV``, which passes every line of ``route-DEV`` that is
    neither blank nor a comment to ``ip -4 route add`` (unless the file uses the
-   ADDRESSn= format) and every such line of ``rule-DEV`` to ``ip -4 rule add``.
+   ADDRESSn= format) and every such line of ``rule-DEV`` to ``ip -4 rule add``;
+   ``route6-DEV`` and ``rule6-DEV`` the same with ``ip -6`` (its
+   ``handle_ip_file`` takes the family from the file name).
    NetworkManager's ifcfg-rh dispatcher (NetworkManager-dispatcher-routing-rules)
    does the same for interfaces it manages.
 """
@@ -48,33 +51,39 @@ COMMIT
 SKIPPED = re.compile(r"^\s*(#.*)?$")
 
 
-def prepare_host(sysconfig, systemd_system, saved_ruleset):
+def prepare_host(sysconfig, systemd_system, saved_ruleset, saved_ruleset6=None):
     """
     A CentOS 7 host with iptables-services, as relayroute's network-scripts
     mechanism needs it: ``sysconfig/network-scripts``, the ruleset saved in
     ``sysconfig/iptables`` ('service iptables save') and iptables.service
-    enabled in ``systemd_system``.
+    enabled in ``systemd_system``; with ``saved_ruleset6``, IPv6's too
+    (``sysconfig/ip6tables``, ip6tables.service).
     """
     (sysconfig / "network-scripts").mkdir(parents=True, exist_ok=True)
-    (sysconfig / "iptables").write_text(saved_ruleset)
     wants = systemd_system / "basic.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    (wants / "iptables.service").symlink_to("/usr/lib/systemd/system/iptables.service")
+    saved = {"iptables": saved_ruleset, "ip6tables": saved_ruleset6}
+    for tool, text in saved.items():
+        if text is not None:
+            (sysconfig / tool).write_text(text)
+            unit = f"{tool}.service"
+            (wants / unit).symlink_to(f"/usr/lib/systemd/system/{unit}")
 
 
 def ifup_routes_commands(network_scripts, dev):
     """The ``ip`` commands ifup-routes runs for ``dev``."""
     commands = []
     for kind in ("route", "rule"):
-        path = Path(network_scripts) / f"{kind}-{dev}"
-        if not path.exists():
-            continue
-        text = path.read_text()
-        if kind == "route" and re.search(r"^\s*ADDRESS[0-9]+=", text, re.M):
-            continue  # the other format; relayroute refuses to write into it
-        for line in text.splitlines():
-            if not SKIPPED.match(line):
-                commands.append(["ip", "-4", kind, "add", *line.split()])
+        for suffix, flag in (("", "-4"), ("6", "-6")):
+            path = Path(network_scripts) / f"{kind}{suffix}-{dev}"
+            if not path.exists():
+                continue
+            text = path.read_text()
+            if kind == "route" and re.search(r"^\s*ADDRESS[0-9]+=", text, re.M):
+                continue  # the other format; relayroute refuses to write into it
+            for line in text.splitlines():
+                if not SKIPPED.match(line):
+                    commands.append(["ip", flag, kind, "add", *line.split()])
     return commands
 
 
@@ -85,8 +94,12 @@ def boot(ns, settings, interfaces):
     """
     commands = []
     iptables_file = Path(settings["iptables_file"])
-    if iptables_file.exists():
-        commands.append((["iptables-restore"], iptables_file.read_text()))
+    for saved, tool in (
+        (iptables_file, "iptables"),
+        (iptables_file.parent / "ip6tables", "ip6tables"),
+    ):
+        if saved.exists():
+            commands.append(([f"{tool}-restore"], saved.read_text()))
     for conf in sorted(Path(settings["sysctl_dir"]).glob("*.conf")):
         commands.append((["sysctl", "-q", "-p", str(conf)], None))
     for dev in ["lo", *interfaces]:
