@@ -472,3 +472,27 @@ def test_network_scripts_restore_both_families_at_boot(loaders, dual, tmp_path):
     left = (sysconfig / "ip6tables").read_text()
     assert left.startswith(ADMIN_IP6TABLES)
     assert "RELAYROUTE" not in left
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_boot_restore_script_brings_back_both_families(loaders, dual, tmp_path, backend):
+    relay = dual["relay"]
+    persist = tmp_path / "relayroute"
+    relayroute(loaders, relay, "relay_apply", persist_dir=str(persist), **dual_args(backend))
+    applied = routing_state(relay)
+    ruleset = relay.exec("nft -s list ruleset").stdout
+    # A reboot: nothing of it in the kernel.
+    lose_runtime_state(relay, [TABLE])
+    relay.ip(f"-6 rule del priority {PRIORITY}")
+    relay.ip(f"-6 route flush table {TABLE}")
+    for option in ("-F", "-X"):
+        relay.exec(f"ip6tables -t mangle {option}")
+    relay.exec("nft flush ruleset")
+    assert ours(relay, "-6") == []
+    relay.exec(["/bin/sh", str(persist / "relay.restore")])
+    assert routing_state(relay) == applied
+    assert relay.exec("nft -s list ruleset").stdout == ruleset
+    again = relayroute(
+        loaders, relay, "relay_apply", persist_dir=str(persist), **dual_args(backend)
+    )
+    assert again == {"changes": {}}
