@@ -641,7 +641,7 @@ def _may_hold(tool):
     if kind is None:
         return False  # no tool: nothing it could have written
     if kind == "legacy":
-        path = f"/proc/self/task/{threading.get_native_id()}/net/{tool.legacy_tables}"
+        path = f"{_thread_proc()}/net/{tool.legacy_tables}"
         try:
             with open(path) as handle:
                 return TABLE in handle.read().split()
@@ -656,6 +656,18 @@ def _may_hold(tool):
         prefixes = tuple(owner.chain_prefix for owner in planner.OWNERS.values())
         return any(table == TABLE and name.startswith(prefixes) for table, name in chains)
     return True
+
+
+def _thread_proc():
+    """
+    This thread's /proc directory: its network namespace's view (a thread may
+    have entered another namespace than the process's: a test, a Salt thread).
+    /proc/thread-self is Linux 3.17+; CentOS 7's 3.10 has the task directory.
+    """
+    native_id = getattr(threading, "get_native_id", None)  # Python 3.8+
+    if native_id is None:
+        return "/proc/thread-self"
+    return f"/proc/self/task/{native_id()}"
 
 
 # nfnetlink, as linux/netfilter/nfnetlink.h and nf_tables.h define it.

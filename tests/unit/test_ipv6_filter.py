@@ -445,3 +445,37 @@ def test_the_transaction_is_its_text_and_reads_back_from_it(monkeypatch):
     fake.runs.clear()
     iptables.apply("*mangle\n-N X\nCOMMIT\n")
     assert fake.runs == [("iptables-restore", "*mangle\n-N X\nCOMMIT\n")]
+
+
+@pytest.mark.parametrize(
+    ("binary", "kind"),
+    [
+        ("xtables-nft-multi", "nft"),  # Debian 10+, RHEL 8+
+        ("xtables-legacy-multi", "legacy"),  # Debian's iptables-legacy*
+        ("xtables-multi", "legacy"),  # CentOS 7
+        ("some-wrapper", ""),  # cannot tell: the table is read
+    ],
+)
+def test_the_flavour_is_told_by_the_binary_the_tool_resolves_to(
+    tmp_path, monkeypatch, binary, kind
+):
+    target = tmp_path / binary
+    target.write_text("#!/bin/sh\n")
+    target.chmod(0o755)
+    (tmp_path / "ip6tables-save").symlink_to(target)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert iptables.flavour(iptables.TOOLS[6]) == kind
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert iptables.flavour(iptables.TOOLS[6]) is None
+
+
+def test_the_legacy_probe_reads_this_threads_table_list(tmp_path, monkeypatch):
+    monkeypatch.setattr(iptables, "flavour", lambda tool: "legacy")
+    monkeypatch.setattr(iptables, "_thread_proc", lambda: str(tmp_path))
+    tool = iptables.TOOLS[6]
+    assert iptables._may_hold(tool) is False  # no ip6_tables module: no table
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "ip6_tables_names").write_text("filter\n")
+    assert iptables._may_hold(tool) is False
+    (tmp_path / "net" / "ip6_tables_names").write_text("filter\nmangle\n")
+    assert iptables._may_hold(tool) is True
