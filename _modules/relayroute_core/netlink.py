@@ -215,40 +215,61 @@ def _main_default(ipr, family):
     return False, None
 
 
+def _table(msg):
+    return msg.get("RTA_TABLE") or msg["table"]
+
+
+def _ours(msgs):
+    """The messages of relayroute's families (an AF_UNSPEC dump also holds IPMR's, MPLS', ...)."""
+    return [msg for msg in msgs if msg["family"] in families.BY_AF]
+
+
 @_wrap("reading routing state over netlink")
 def read():
-    """Dump ip rules, policy-table routes, addresses and links of both families (netlink only)."""
-    rule_msgs, routes, networks, addresses, on, defaults = [], [], [], [], [], []
+    """
+    Dump ip rules, routes, addresses and links (netlink only): one dump of
+    each for both families (AF_UNSPEC), each message parsed in its family.
+    Routes of the local, main and default tables are left out, but for the
+    main table's default route of each family (its interface).
+    """
     with IPRoute() as ipr:
         ifnames = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
-        for family in families.FAMILIES:
-            rule_msgs += ipr.get_rules(family=family.af)
-            routes += [
-                _route_from_msg(msg, ifnames)
-                for msg in ipr.route("dump", family=family.af)
-                if (msg.get("RTA_TABLE") or msg["table"]) not in (253, 254, 255)
-                and not msg["flags"] & RTM_F_CLONED
-            ]
-            for interface, index in _own_interfaces(ipr, family):
-                addresses.append(str(interface.ip))
-                if not interface.ip.is_loopback:
-                    networks.append(str(interface.network))
-                    on.append((str(interface.network), ifnames.get(index, "")))
-            _present, oif = _main_default(ipr, family)
-            if oif:
-                defaults.append((family.version, ifnames.get(oif, "")))
+        rule_msgs = _ours(ipr.get_rules(family=socket.AF_UNSPEC))
+        route_msgs = [
+            msg
+            for msg in _ours(ipr.route("dump", family=socket.AF_UNSPEC))
+            if not msg["flags"] & RTM_F_CLONED
+        ]
+        addr_msgs = _ours(ipr.get_addr(family=socket.AF_UNSPEC))
+    routes = tuple(
+        _route_from_msg(msg, ifnames) for msg in route_msgs if _table(msg) not in (253, 254, 255)
+    )
+    defaults = {}
+    for msg in route_msgs:
+        main_default = _table(msg) == MAIN_TABLE and not msg["dst_len"]
+        if main_default and msg["type"] == RTN_UNICAST and msg.get("RTA_OIF"):
+            defaults.setdefault(_version(msg), ifnames.get(msg.get("RTA_OIF"), ""))
+    networks, addresses, on = [], [], []
+    for msg in addr_msgs:
+        family = families.BY_AF[msg["family"]]
+        address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+        interface = family.interface(f"{address}/{msg['prefixlen']}")
+        addresses.append(str(interface.ip))
+        if not interface.ip.is_loopback:
+            networks.append(str(interface.network))
+            on.append((str(interface.network), ifnames.get(msg["index"], "")))
     rules = tuple(_rule_from_msg(msg) for msg in rule_msgs)
     # Kernels with FRA_PROTOCOL report it on every rule, the defaults included.
     rule_protocol = any(msg.get("FRA_PROTOCOL") is not None for msg in rule_msgs)
     return KernelState(
         rules,
-        tuple(routes),
+        routes,
         tuple(networks),
         tuple(addresses),
         tuple(on),
-        dict(defaults).get(families.IPV4.version, ""),
+        defaults.get(families.IPV4.version, ""),
         rule_protocol,
-        tuple(defaults),
+        tuple(sorted(defaults.items())),
     )
 
 
