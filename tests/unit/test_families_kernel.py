@@ -53,7 +53,14 @@ def rule_msg(family, priority, table, proto=210, **attrs):
 
 
 def route_msg(family, table, gateway=None, rtype=1, oif=None, dst=None, dst_len=0):
-    header = {"family": family.af, "table": 252, "proto": 210, "type": rtype, "dst_len": dst_len}
+    header = {
+        "family": family.af,
+        "table": 252,
+        "proto": 210,
+        "type": rtype,
+        "dst_len": dst_len,
+        "flags": 0,
+    }
     attrs = {"RTA_TABLE": table, "RTA_GATEWAY": gateway, "RTA_OIF": oif}
     if dst:
         attrs["RTA_DST"] = dst
@@ -484,3 +491,68 @@ def test_a_shadowing_rule_is_named_only_from_the_lookups_family(family):
     (unnamed,) = engine.answer_problems(answers, [beside])
     assert "shadows" not in unnamed
     assert "table 51820 answered instead of table 1000254" in unnamed
+
+
+class FakeDump:
+    """One AF_UNSPEC dump of each kind, as a dual-stack relay's kernel answers it."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def get_links(self):
+        return [{"index": 1, "IFLA_IFNAME": "lo"}, Msg({"index": 2}, {"IFLA_IFNAME": "eth0"})]
+
+    def get_rules(self, family):
+        self.asked.append(("rules", family))
+        return [
+            rule_msg(IPV4, 1000, 1000254),
+            rule_msg(IPV6, 1000, 1000254),
+            Msg({"family": 128}, {}),  # IPMR's: another family's, skipped
+        ]
+
+    def route(self, command, family):
+        self.asked.append(("routes", family))
+        main = {"table": 254, "proto": 3, "type": 1, "dst_len": 0, "flags": 0}
+        return [
+            Msg({**main, "family": IPV4.af}, {"RTA_OIF": 2, "RTA_GATEWAY": "192.0.2.1"}),
+            Msg({**main, "family": IPV6.af}, {"RTA_OIF": 2, "RTA_GATEWAY": "2001:db8:2::1"}),
+            Msg({**main, "family": IPV6.af, "flags": netlink.RTM_F_CLONED, "table": 1}, {}),
+            *[route_msg(f, 1000254, PROXY[f.version]) for f in FAMILIES],
+            Msg({**main, "family": 28}, {}),  # MPLS'
+        ]
+
+    def get_addr(self, family):
+        self.asked.append(("addresses", family))
+        return [
+            Msg({"family": IPV4.af, "prefixlen": 8, "index": 1}, {"IFA_LOCAL": "127.0.0.1"}),
+            Msg({"family": IPV4.af, "prefixlen": 24, "index": 2}, {"IFA_LOCAL": RELAY[4]}),
+            Msg({"family": IPV6.af, "prefixlen": 64, "index": 2}, {"IFA_ADDRESS": RELAY[6]}),
+        ]
+
+
+def test_one_dump_of_each_kind_reads_both_families(monkeypatch):
+    fake = FakeDump()
+    monkeypatch.setattr(netlink, "IPRoute", lambda: fake)
+    state = netlink.read()
+    assert fake.asked == [
+        ("rules", socket.AF_UNSPEC),
+        ("routes", socket.AF_UNSPEC),
+        ("addresses", socket.AF_UNSPEC),
+    ]
+    assert [(rule.family, rule.priority) for rule in state.rules] == [(4, 1000), (6, 1000)]
+    assert [route.line() for route in state.routes] == [
+        "default via 192.0.2.2 table 1000254 proto 210",
+        "default via 2001:db8:2::2 table 1000254 proto 210",
+    ]
+    assert state.addresses == ("127.0.0.1", RELAY[4], RELAY[6])
+    assert state.network_interfaces == ((LAN[4], "eth0"), (LAN[6], "eth0"))
+    assert state.default_interfaces == ((4, "eth0"), (6, "eth0"))
+    assert state.default_interface == "eth0"
+    assert state.default_interface_of(6) == "eth0"
+    assert state.rule_protocol
