@@ -496,3 +496,21 @@ def test_the_boot_restore_script_brings_back_both_families(loaders, dual, tmp_pa
         loaders, relay, "relay_apply", persist_dir=str(persist), **dual_args(backend)
     )
     assert again == {"changes": {}}
+
+
+def test_check_sees_an_ipv6_neighbour_entry_with_a_mac_relayroute_does_not_mark(loaders, dual):
+    relay = dual["relay"]
+    # A MAC written in the inputs (a discovered one would follow the entry:
+    # the check's plan would then want the moved MAC marked).
+    args = dual_args("nftables", mac=mac_of(dual["proxy"], "eth0"))
+    relayroute(loaders, relay, "relay_apply", **args)
+    assert relayroute(loaders, relay, "check", retcode=False, **args)["ok"]
+    moved = "02:00:c0:00:02:99"
+    relay.ip(f"-6 neigh replace {PROXY6} lladdr {moved} dev eth0 nud reachable")
+    verdict = relayroute(loaders, relay, "check", retcode=False, **args)
+    assert verdict["differences"] == [
+        f"proxies:master-relay: the neighbour entry of {PROXY6} carries {moved}, a MAC "
+        f"relayroute does not mark (marks {mac_of(dual['proxy'], 'eth0')}): the proxy's MAC "
+        f"changed (got '{moved}')"
+    ]
+    relayroute(loaders, relay, "relay_remove", backend="nftables")
