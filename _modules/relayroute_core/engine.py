@@ -633,6 +633,7 @@ def _persist_changes(plan, current, filter_backend, target, prefix=""):
         files[path] = (kind, old, persist.merged(kind, old, ours, plan, filter_backend))
     writes = {path: item for path, item in files.items() if item[2] != item[1]}
     problems = persist.check_host(plan, target, files, _key(prefix, "persist:mechanism"))
+    problems += persist.check_backend(plan, target, filter_backend.NAME, _key(prefix, "backend"))
     if problems:
         raise InputError(problems)
     memory = memory_after(plan, current, filter_backend.NAME)

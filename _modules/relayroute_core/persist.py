@@ -246,6 +246,26 @@ def check_host(plan, target, files, key):
     return problems
 
 
+def check_backend(plan, target, backend, key):
+    """
+    Problems of the packet-filter backend with what the host runs at boot,
+    each naming ``key`` (the pillar's backend key). With the unit mechanism
+    (network-scripts has its own check above): firewalld flushes iptables'
+    tables on every start and reload, relayroute's chains with them, so the
+    proxied path would break at the first ``firewall-cmd --reload``.
+    """
+    if target.mechanism == NETWORK_SCRIPTS or not plan.chains or backend != "iptables":
+        return []
+    if not _enabled(target.systemd_dir, "firewalld.service"):
+        return []
+    return [
+        f"{key}: firewalld.service is enabled; it flushes iptables' tables, relayroute's "
+        "chains in the mangle table with them, on every start and reload, and the proxied "
+        "path breaks until the next apply; use backend 'nftables', whose table firewalld "
+        "leaves alone (got 'iptables')"
+    ]
+
+
 def _ip6tables_problems(target, files, key):
     """The IPv6 chains' boot path: ip6tables.service restoring its saved file."""
     path = target.saved_file(RULESET6)

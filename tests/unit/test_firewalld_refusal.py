@@ -4,9 +4,10 @@ Where firewalld is refused, and where not (pure: boot files under tmp_path).
 firewalld 1.3, whatever its FirewallBackend, flushes iptables' tables on every
 start and reload, and relayroute's iptables chains with them; it never touches
 relayroute's nftables table (tests/functional/test_firewalld.py). So an enabled
-firewalld.service refuses the network-scripts mechanism, which restores the
-iptables backend's chains through iptables.service; the nftables backend with
-the unit mechanism is not refused; nftables with network-scripts is refused
+firewalld.service refuses the iptables backend: with network-scripts (which
+restores its chains through iptables.service) and with the unit alike (a
+reload would empty the chains); the nftables backend with the unit mechanism
+is not refused; nftables with network-scripts is refused
 for its own reason (nothing there restores an nftables table), pointing to the
 unit. Every refusal names the pillar key and the value.
 """
@@ -85,17 +86,39 @@ def test_network_scripts_with_the_iptables_backend_and_no_firewalld_is_fine(tmp_
     assert "RELAYROUTE-RELAY-PRE" in changes["files"][str(tmp_path / "iptables")]
 
 
-@pytest.mark.parametrize("backend", [nftables, iptables], ids=["nftables", "iptables"])
-def test_the_unit_mechanism_never_looks_at_firewalld(tmp_path, backend):
-    """With the unit, firewalld.service enabled is no refusal (the nftables way with firewalld)."""
+def test_the_unit_mechanism_with_the_nftables_backend_is_fine_beside_firewalld(tmp_path):
+    """With the unit, firewalld.service enabled is no refusal for nftables (the way with firewalld)."""
     target = host(tmp_path, persist.UNIT, ["firewalld.service"])
-    changes = persist_changes(target, backend)
+    changes = persist_changes(target, nftables)
     script = changes["files"][str(tmp_path / "relayroute" / "relay.restore")]
-    if backend is nftables:
-        assert "nft -f - <<'RULES'" in script
-        assert "table inet relayroute_relay" in script
+    assert "nft -f - <<'RULES'" in script
+    assert "table inet relayroute_relay" in script
     plan = planner.relay_plan(seed_spec())
     assert persist.check_host(plan, target, {}, KEY) == []
+    assert persist.check_backend(plan, target, nftables.NAME, "relayroute:backend") == []
+
+
+def test_the_unit_mechanism_with_the_iptables_backend_refuses_an_enabled_firewalld(tmp_path):
+    """
+    Any firewall-cmd --reload would empty relayroute's chains and break the
+    proxied path until the next apply: refused, naming the backend key.
+    """
+    target = host(tmp_path, persist.UNIT, ["firewalld.service"])
+    with pytest.raises(model.InputError) as caught:
+        persist_changes(target, iptables)
+    assert caught.value.errors == [
+        "relayroute:backend: firewalld.service is enabled; it flushes iptables' tables, "
+        "relayroute's chains in the mangle table with them, on every start and reload, and "
+        "the proxied path breaks until the next apply; use backend 'nftables', whose table "
+        "firewalld leaves alone (got 'iptables')"
+    ]
+    assert not (tmp_path / "relayroute").exists()
+    # Without firewalld, or for a removal, nothing to say.
+    plan = planner.relay_plan(seed_spec())
+    quiet = host(tmp_path / "quiet", persist.UNIT)
+    assert persist.check_backend(plan, quiet, iptables.NAME, "k") == []
+    empty = planner.empty_plan(planner.RELAY)
+    assert persist.check_backend(empty, target, iptables.NAME, "k") == []
 
 
 def test_network_scripts_with_the_nftables_backend_is_refused_for_the_unit_not_firewalld(
