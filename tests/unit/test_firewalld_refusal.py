@@ -87,7 +87,7 @@ def test_network_scripts_with_the_iptables_backend_and_no_firewalld_is_fine(tmp_
 
 
 def test_the_unit_mechanism_with_the_nftables_backend_is_fine_beside_firewalld(tmp_path):
-    """With the unit, firewalld.service enabled is no refusal for nftables (the way with firewalld)."""
+    """With the unit, an enabled firewalld.service is no refusal for nftables."""
     target = host(tmp_path, persist.UNIT, ["firewalld.service"])
     changes = persist_changes(target, nftables)
     script = changes["files"][str(tmp_path / "relayroute" / "relay.restore")]
