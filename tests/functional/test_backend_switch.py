@@ -40,7 +40,7 @@ from tests.support.hosts import (
 from tests.support.netns import veth
 from tests.support.tcp import HeldSession, Ticker, connect
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 UNITS = Path(__file__).resolve().parents[2] / "relayroute" / "files"
 STEP_PAUSE = 0.8  # each packet-filter transaction is held this long

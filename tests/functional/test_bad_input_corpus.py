@@ -13,7 +13,7 @@ import pytest
 from tests.support.hosts import plant_foreign_state
 from tests.unit.test_bad_topologies import load_cases, pillar_for
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 CASES = load_cases()
 # Both components in one state.sls run: each renders on its own, from the same pillar.

@@ -23,7 +23,7 @@ from tests.support.hosts import (
 from tests.support.netns import mac_of
 from tests.support.tcp import connect
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 def test_restore_script_brings_back_what_was_applied(loaders, relay_ns, tmp_path):

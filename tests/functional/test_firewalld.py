@@ -36,7 +36,7 @@ from tests.support.hosts import DIRECT, PROXIED, RELAY
 from tests.support.netns import mac_of, veth
 from tests.support.tcp import CLIENT, NEGATIVE_TIMEOUT, SERVER, Ticker, connect
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 PATHS = {"direct": DIRECT, "proxied": PROXIED}
 

@@ -24,7 +24,7 @@ from tests.support.hosts import RELAY
 from tests.support.netns import mac_of, veth
 from tests.support.tcp import HeldSession, connect, start_server
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 CLIENT = "203.0.113.20"  # the client's address, HAProxy's source towards the relay
 FLOATING = "192.0.2.2"

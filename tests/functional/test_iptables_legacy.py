@@ -27,7 +27,7 @@ from tests.functional.test_reply_path import relayroute_applied
 from tests.support.hosts import DIRECT, PROXIED, RELAY, lose_runtime_state
 from tests.support.tcp import connect
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 @pytest.fixture

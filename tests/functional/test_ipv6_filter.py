@@ -26,7 +26,7 @@ from tests.support.hosts import make_stateful
 from tests.support.netns import mac_of, veth
 from tests.support.tcp import connect, start_server
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 BACKENDS = ["iptables", "nftables"]
 # The iptables backend on both of its flavours (iptables-nft, the host's; iptables-legacy).

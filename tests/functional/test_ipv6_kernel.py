@@ -32,7 +32,7 @@ from tests.support.hosts import (
 from tests.support.netns import mac_of, veth
 from tests.support.tcp import connect, start_server
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 LAN6 = "2001:db8:2::/64"
 GATEWAY6, PROXY6, RELAY6 = "2001:db8:2::1", "2001:db8:2::2", "2001:db8:2::11"

@@ -25,7 +25,7 @@ from tests.support.hosts import (
 from tests.support.netns import mac_of, veth
 from tests.support.tcp import Ticker, connect
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 NFT = {"backend": "nftables"}
 TABLE = "inet relayroute_relay"

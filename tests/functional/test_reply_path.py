@@ -24,7 +24,7 @@ from tests.support.hosts import (
 from tests.support.netns import mac_of
 from tests.support.tcp import NEGATIVE_TIMEOUT, HeldSession, Ticker, connect
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 def proxies(net):

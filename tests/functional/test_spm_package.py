@@ -19,7 +19,7 @@ import yaml
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 SPM = ROOT / ".venv" / "bin" / "spm"
 SALT_CALL = ROOT / ".venv" / "bin" / "salt-call"

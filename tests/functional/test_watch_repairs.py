@@ -17,7 +17,7 @@ from tests.functional.test_relay import ARGS
 from tests.support.hosts import lose_runtime_state
 from tests.support.netns import run
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 WATCHER = Path(__file__).resolve().parents[2] / "relayroute" / "files" / "relayroute-watch"
 # The repair must be in place within 2 s of the event; the polls wait wider.
