@@ -6,7 +6,7 @@
 # removing them would stop the mail service, which is the operator's call.
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
-{%- from tplroot ~ "/persist.jinja" import boot_unit_clean, watch_unit_clean with context %}
+{%- from tplroot ~ "/persist_clean.jinja" import boot_unit_clean, watch_unit_clean with context %}
 {%- set persist = relayroute.config.persist %}
 {%- set saved_path = relayroute.config.proxy.sysctl_saved %}
 {%- set saved = {} %}

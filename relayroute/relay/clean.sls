@@ -4,7 +4,7 @@
 # kernel parameters (earlier values put back), restore script, boot unit and watcher.
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
-{%- from tplroot ~ "/persist.jinja" import boot_unit_clean, watch_unit_clean with context %}
+{%- from tplroot ~ "/persist_clean.jinja" import boot_unit_clean, watch_unit_clean with context %}
 {%- set persist = relayroute.config.persist %}
 
 relayroute-relay-policy-routing-clean:

@@ -3,11 +3,13 @@
 # A relay: answer each connection through the gateway it came in by.
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
-{%- from tplroot ~ "/invalid.jinja" import invalid with context %}
-{%- from tplroot ~ "/persist.jinja" import boot_unit, watch_unit with context %}
 {%- set persist = relayroute.config.persist %}
+{#- Each import only where it is used: Jinja compiles an imported file on
+    every run, and a re-apply needs neither the invalid-pillar macro nor,
+    without persistence, the boot macros. #}
 
 {%- if relayroute.errors %}
+{%-   from tplroot ~ "/invalid.jinja" import invalid with context %}
 {{ invalid('relayroute-relay-invalid-pillar', relayroute.errors) }}
 {%- else %}
 {%-   if relayroute.unlisted_relay %}
@@ -27,6 +29,7 @@ relayroute-relay-policy-routing:
     - backend: {{ relayroute.config.backend }}
     - prefix: relayroute
 {%-   if persist.enabled %}
+{%-     from tplroot ~ "/persist.jinja" import boot_unit, watch_unit with context %}
     - persist: {{ persist | json }}
 {{ boot_unit('relay', persist, 'relayroute-relay-policy-routing') }}
 {{ watch_unit('relay', persist, relayroute.config.watch, 'relayroute-relay-policy-routing') }}
