@@ -24,7 +24,6 @@ from tests.functional.test_nftables_backend import (
     nft,
     our_table,
     relay_args,
-    transparent_server,
 )
 from tests.functional.test_relay import ARGS
 from tests.functional.test_watch_repairs import UNIT_PRIVILEGES
@@ -38,7 +37,7 @@ from tests.support.hosts import (
     forwarded,
 )
 from tests.support.netns import veth
-from tests.support.tcp import HeldSession, Ticker, connect
+from tests.support.tcp import HeldSession, Ticker, connect, transparent_server
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

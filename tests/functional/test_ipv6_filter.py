@@ -24,7 +24,7 @@ import pytest
 
 from tests.support.hosts import make_stateful
 from tests.support.netns import mac_of, veth
-from tests.support.tcp import connect, start_server
+from tests.support.tcp import connect, start_server, transparent_server
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -275,21 +275,6 @@ def test_ipv6_traffic_is_marked_by_the_proxys_mac_alone(loaders, flavour, net6):
 
 # A transparent IPv6 listener (IPV6_TRANSPARENT, as HAProxy's ``bind ... transparent``
 # on an IPv6 VIP) on an address the host does not have, or on the wildcard.
-TRANSPARENT_SERVER6 = textwrap.dedent(
-    """
-    import socket, sys
-    srv = socket.socket(socket.AF_INET6)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.setsockopt(socket.IPPROTO_IPV6, 75, 1)  # IPV6_TRANSPARENT
-    srv.bind((sys.argv[1], int(sys.argv[2])))
-    srv.listen(16)
-    print("ready", flush=True)
-    while True:
-        conn, peer = srv.accept()
-        conn.sendall(b"220 diverted " + peer[0].encode() + b"\\r\\n")
-        conn.close()
-    """
-)
 VIP6, CLIENT6 = "2001:db8:100::25", "2001:db8:203::10"
 # Counts the proxy's TCP packets to the VIP carrying the divert mark, after relayroute's chains.
 DIVERT_OBSERVER = """\
@@ -305,13 +290,6 @@ table inet observer {
 """
 
 
-def transparent_server6(ns, address, port):
-    proc = ns.popen(
-        ["python3", "-u", "-c", TRANSPARENT_SERVER6, address, str(port)], stdout=-1, text=True
-    )
-    assert proc.stdout.readline().strip() == "ready"
-
-
 @pytest.fixture
 def proxy_net6(make_netns):
     """A client routed through the proxy; the IPv6 VIP is on no host; the proxy does not forward."""
@@ -323,8 +301,8 @@ def proxy_net6(make_netns):
     proxy.sysctl("net.ipv6.conf.all.forwarding", 0)
     for host in (client, proxy):
         link_local_ready(host)
-    transparent_server6(proxy, VIP6, 25)  # HAProxy's transparent frontend on the IPv6 VIP
-    transparent_server6(proxy, "::", 2525)  # a transparent socket on the wildcard
+    transparent_server(proxy, VIP6, 25)  # HAProxy's transparent frontend on the IPv6 VIP
+    transparent_server(proxy, "::", 2525)  # a transparent socket on the wildcard
     proxy.exec(["nft", "-f", "-"], input=DIVERT_OBSERVER)
     return {"client": client, "proxy": proxy}
 

@@ -7,7 +7,6 @@ byte for byte, rollback, the TPROXY divert, the boot restore and ``test=True``.
 
 import re
 import sys
-import textwrap
 import time
 
 import pytest
@@ -23,7 +22,7 @@ from tests.support.hosts import (
     forwarded,
 )
 from tests.support.netns import mac_of, veth
-from tests.support.tcp import Ticker, connect
+from tests.support.tcp import Ticker, connect, transparent_server
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -303,29 +302,7 @@ def test_boot_restore_brings_back_only_our_lost_table(loaders, relay_ns, tmp_pat
 
 # A transparent listener (IP_TRANSPARENT, as HAProxy's ``bind ... transparent``)
 # on an address the host does not have.
-TRANSPARENT_SERVER = textwrap.dedent(
-    """
-    import socket, sys, threading
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
-    srv.bind((sys.argv[1], int(sys.argv[2])))
-    srv.listen(16)
-    print("ready", flush=True)
-    while True:
-        conn, peer = srv.accept()
-        conn.sendall(b"220 diverted " + peer[0].encode() + b"\\r\\n")
-        conn.close()
-    """
-)
 VIP, CLIENT = "198.51.100.25", "203.0.113.10"
-
-
-def transparent_server(ns, address, port):
-    proc = ns.popen(
-        ["python3", "-u", "-c", TRANSPARENT_SERVER, address, str(port)], stdout=-1, text=True
-    )
-    assert proc.stdout.readline().strip() == "ready"
 
 
 @pytest.fixture

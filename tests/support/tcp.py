@@ -54,10 +54,42 @@ CLIENT = textwrap.dedent(
     """
 )
 
+# A transparent listener (IP_TRANSPARENT, 19, or IPV6_TRANSPARENT, 75), as
+# HAProxy's transparent frontend: it may bind an address the host does not
+# have, and the proxy's TPROXY divert hands it connections to that address.
+TRANSPARENT_SERVER = textwrap.dedent(
+    """
+    import socket, sys
+    six = ":" in sys.argv[1]
+    srv = socket.socket(socket.AF_INET6 if six else socket.AF_INET)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if six:
+        srv.setsockopt(socket.IPPROTO_IPV6, 75, 1)
+    else:
+        srv.setsockopt(socket.SOL_IP, 19, 1)
+    srv.bind((sys.argv[1], int(sys.argv[2])))
+    srv.listen(16)
+    print("ready", flush=True)
+    while True:
+        conn, peer = srv.accept()
+        conn.sendall(b"220 diverted " + peer[0].encode() + b"\\r\\n")
+        conn.close()
+    """
+)
+
+
+def transparent_server(ns, address, port):
+    """Start a transparent listener on ``address`` (either family) in ``ns``."""
+    return _started(ns, TRANSPARENT_SERVER, address, port)
+
 
 def start_server(ns, address, port):
     """Start the banner server in ``ns``; returns once it listens."""
-    proc = ns.popen(["python3", "-u", "-c", SERVER, address, str(port)], stdout=-1, text=True)
+    return _started(ns, SERVER, address, port)
+
+
+def _started(ns, script, address, port):
+    proc = ns.popen(["python3", "-u", "-c", script, address, str(port)], stdout=-1, text=True)
     line = proc.stdout.readline().strip()
     if line != "ready":
         raise RuntimeError(f"tcp server in {ns.name} did not start: {line!r}")
