@@ -119,11 +119,21 @@ class Netns:
             os.close(back)
 
     def snapshot(self):
-        """The namespace's rules, routes of every table and full ruleset, as text."""
+        """
+        The namespace's rules and routes of every table in both families, and
+        its packet filter: iptables', ip6tables' and every nftables table
+        (``nft -s``: without counters, which are traffic, not state), as text.
+        """
         return {
             "rules": self.exec("ip -4 rule show").stdout,
             "routes": self.exec("ip -4 route show table all").stdout,
+            "rules6": self.exec("ip -6 rule show").stdout,
+            # Without the kernel's own routes: a link's fe80:: address (and its
+            # local route) appears when its duplicate address detection ends.
+            "routes6": _without_kernel_routes(self.exec("ip -6 route show table all").stdout),
             "iptables": _strip_save_comments(self.exec("iptables-save").stdout),
+            "ip6tables": _strip_save_comments(self.exec("ip6tables-save").stdout),
+            "nft": self.exec("nft -s list ruleset").stdout,
         }
 
     def stop_processes(self):
@@ -158,6 +168,10 @@ class Netns:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
         run(["ip", "netns", "delete", self.name], check=False)
+
+
+def _without_kernel_routes(text):
+    return "".join(line for line in text.splitlines(keepends=True) if "proto kernel" not in line)
 
 
 def _strip_save_comments(text):
