@@ -89,6 +89,8 @@ class ApplyError(RuntimeError):
 
 @dataclass
 class Current:
+    """What a converge starts from: kernel, backend ruleset, kernel parameters, memory."""
+
     kernel: netlink.KernelState
     ruleset: object  # the backend's ruleset
     sysctls: dict = field(default_factory=dict)  # values of the keys that matter now

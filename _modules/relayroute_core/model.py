@@ -90,6 +90,8 @@ class ProxySpec:
 
 @dataclass
 class _Errors:
+    """Input errors collected as they are found, each naming its pillar key path."""
+
     prefix: str = ""
     items: List[str] = field(default_factory=list)
 

@@ -93,6 +93,8 @@ class KernelRule:
 
 @dataclass(frozen=True)
 class KernelState:
+    """What one netlink read found: rules, policy routes, networks and addresses."""
+
     rules: Tuple[KernelRule, ...]  # of both families
     routes: Tuple[Route, ...]  # routes of both families in every table outside local/main/default
     networks: Tuple[str, ...]  # connected networks of the host (both families)
@@ -513,6 +515,8 @@ def lookup_macs(addresses, resolve=True, timeout=3.0):
 
 @dataclass(frozen=True)
 class Flow:
+    """A conntrack entry: the connection and its reply's source, its mark and state."""
+
     proto: str
     src: str
     sport: int

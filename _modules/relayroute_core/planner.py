@@ -169,6 +169,8 @@ class Lookup:
 
 @dataclass(frozen=True)
 class Plan:
+    """Everything an owner wants in the kernel: routes, rules, chains, parameters."""
+
     owner: Owner
     routes: Tuple[Route, ...]
     rules: Tuple[Rule, ...]
