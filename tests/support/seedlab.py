@@ -96,6 +96,11 @@ class SeedLab:
         self.backend = backend
         # IPv6 beside IPv4 (the IPV6 side); off, the lab is IPv4 only as ever.
         self.dual_stack = dual_stack
+        if dual_stack:
+            # Its own namespace and link names: pytest keeps a lab package's
+            # fixtures until the session ends, so this lab and the IPv4 seed
+            # lab of one run may be up at the same time.
+            self.name = "dual"
         self.sides = {4: IPV4, 6: IPV6} if dual_stack else {4: IPV4}
         # Where HAProxy and the pillar reach each relay, and where clients do.
         self.relay_addresses = dict(relays)
