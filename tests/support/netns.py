@@ -133,7 +133,7 @@ class Netns:
             "routes6": _without_kernel_routes(self.exec("ip -6 route show table all").stdout),
             "iptables": _strip_save_comments(self.exec("iptables-save").stdout),
             "ip6tables": _strip_save_comments(self.exec("ip6tables-save").stdout),
-            "nft": self.exec("nft -s list ruleset").stdout,
+            "nft": _without_xtables_tables(self.exec("nft -s list ruleset").stdout),
         }
 
     def stop_processes(self):
@@ -168,6 +168,29 @@ class Netns:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
         run(["ip", "netns", "delete", self.name], check=False)
+
+
+# iptables-nft's own tables, in nftables' listing: iptables-save and
+# ip6tables-save above show them (an iptables read leaves them, empty, behind).
+XTABLES_TABLES = {
+    (family, name)
+    for family in ("ip", "ip6")
+    for name in ("filter", "mangle", "nat", "raw", "security")
+}
+
+
+def _without_xtables_tables(text):
+    """``nft list ruleset`` output without iptables-nft's own tables."""
+    kept, skip = [], False
+    for line in text.splitlines(keepends=True):
+        words = line.split()
+        if line.startswith("table ") and len(words) >= 3:
+            skip = (words[1], words[2]) in XTABLES_TABLES
+        if not skip:
+            kept.append(line)
+        if line.startswith("}"):
+            skip = False
+    return "".join(kept)
 
 
 def _without_kernel_routes(text):
