@@ -39,7 +39,7 @@ def verdict(plan, current, filter_backend, answers, neighbours, prefix=""):
             differences += _lines_diff(what, changes)
         else:
             differences += [f"{what}: {item}" for item in changes]
-    differences += engine.answer_problems(answers, current.kernel.rules, prefix)
+    differences += planner.lookup_problems(answers, current.kernel.rules, prefix)
     base = f"{prefix}:proxies" if prefix else "proxies"
     for name, entries in sorted(neighbours.items()):
         for address, mac, marked in entries:

@@ -588,20 +588,7 @@ def lookup_problems(plan, kernel, prefix=""):
     if not plan.lookups:
         return []
     answers = netlink.route_lookups(plan.lookups)
-    return answer_problems(answers, kernel.rules, prefix)
-
-
-def answer_problems(answers, rules, prefix=""):
-    """
-    :func:`planner.lookup_problems`, each answer judged against the ip rules
-    of its lookup's family (the rule a wrong answer names as shadowing
-    relayroute's is one of the same family).
-    """
-    problems = []
-    for answer in answers:
-        same = [rule for rule in rules if rule.family == answer[0].family]
-        problems += planner.lookup_problems([answer], same, prefix)
-    return problems
+    return planner.lookup_problems(answers, kernel.rules, prefix)
 
 
 def _lookups_failed(problems):

@@ -311,9 +311,10 @@ def lookup_problems(answers, rules, prefix=""):
     """
     Pure: compare the kernel's answers to the plan's lookups. ``answers`` are
     ``(lookup, src, table, gateway, error)`` (``error`` the kernel's refusal,
-    or None); ``rules`` the ip rules now (objects with ``priority``,
-    ``fwmark``, ``fwmask``, ``table``, ``selectors`` and ``line()``), used to
-    name a rule that shadows relayroute's. Returns one message per wrong
+    or None); ``rules`` the ip rules now, of both families (objects with
+    ``family``, ``priority``, ``fwmark``, ``fwmask``, ``table``, ``selectors``
+    and ``line()``), used to name a rule of the lookup's family that shadows
+    relayroute's. Returns one message per wrong
     answer, naming the key path, the lookup and what the kernel answered.
     """
     problems = []
@@ -338,10 +339,13 @@ def lookup_problems(answers, rules, prefix=""):
 def _why(lookup, table, rules):
     """What made a lookup answer from the wrong place, in an operator's words."""
     if table != lookup.table:
+        # The kernel keeps each family's rules apart: only one of the lookup's
+        # own family can have taken its mark.
         shadows = [
             rule
             for rule in rules
-            if rule.table == table
+            if rule.family == lookup.family
+            and rule.table == table
             and table != MAIN_TABLE
             and _rule_takes_mark(rule, lookup.mark)
             and (lookup.priority is None or rule.priority < lookup.priority)

@@ -486,9 +486,9 @@ def test_a_shadowing_rule_is_named_only_from_the_lookups_family(family):
     answers = [(lookup, None, 51820, None, None)]
     shadow = kernel_rule(family, priority=900, table=51820, proto=0)
     beside = kernel_rule(other, priority=900, table=51820, proto=0)
-    (named,) = engine.answer_problems(answers, [beside, shadow])
+    (named,) = planner.lookup_problems(answers, [beside, shadow])
     assert f"a rule at priority 900 ('{shadow.line()}') shadows relayroute's" in named
-    (unnamed,) = engine.answer_problems(answers, [beside])
+    (unnamed,) = planner.lookup_problems(answers, [beside])
     assert "shadows" not in unnamed
     assert "table 51820 answered instead of table 1000254" in unnamed
 
