@@ -23,6 +23,7 @@ from tests.functional.test_nftables_backend import (
     VIP,
     nft,
     our_table,
+    proxy_net,  # noqa: F401 - the fixture: a client routed by a proxy with a transparent VIP
     relay_args,
 )
 from tests.functional.test_relay import ARGS
@@ -36,8 +37,7 @@ from tests.support.hosts import (
     dropped,
     forwarded,
 )
-from tests.support.netns import veth
-from tests.support.tcp import HeldSession, Ticker, connect, transparent_server
+from tests.support.tcp import HeldSession, Ticker, connect
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -400,22 +400,9 @@ def test_the_formula_follows_the_platform_default_and_a_pillar_switch(loaders, r
     assert not list((tmp_path / "relayroute").iterdir())
 
 
-@pytest.fixture
-def tproxy_net(make_netns):
-    """A client routed by the proxy, a transparent listener on the VIP (test_nftables_backend)."""
-    client, proxy = make_netns("client"), make_netns("proxy")
-    veth(client, "eth0", proxy, "eth0")
-    client.ip(f"addr add {CLIENT}/24 dev eth0")
-    client.ip("route add default via 203.0.113.1")
-    proxy.ip("addr add 203.0.113.1/24 dev eth0")
-    proxy.sysctl("net.ipv4.ip_forward", 0)
-    transparent_server(proxy, VIP, 25)
-    return client, proxy
-
-
-def test_the_proxy_role_switches_both_ways(loaders, tproxy_net):
+def test_the_proxy_role_switches_both_ways(loaders, proxy_net):  # noqa: F811 - the fixture
     """The TPROXY divert moves too: the VIP answers after each switch, nothing of the old stays."""
-    client, proxy = tproxy_net
+    client, proxy = proxy_net["client"], proxy_net["proxy"]
     plant_foreign(proxy)
     others = foreign(proxy)
     before = proxy.snapshot()
