@@ -428,15 +428,7 @@ def test_network_scripts_restore_both_families_at_boot(loaders, dual, tmp_path):
     rh7boot.prepare_host(
         sysconfig, tmp_path / "systemd", rh7boot.ADMIN_SAVED_RULESET, ADMIN_IP6TABLES
     )
-    (tmp_path / "sysctl.d").mkdir()
-    settings = {
-        "dir": str(tmp_path / "relayroute"),
-        "mechanism": "network-scripts",
-        "network_scripts_dir": str(scripts),
-        "iptables_file": str(sysconfig / "iptables"),
-        "sysctl_dir": str(tmp_path / "sysctl.d"),
-        "systemd_dir": str(tmp_path / "systemd"),
-    }
+    settings = rh7boot.persist_settings(tmp_path)
     rh7boot.boot(relay, settings, ["eth0"])  # the host as it came up before relayroute
     args = dual_args("iptables")
     ret = relayroute(loaders, relay, "relay_apply", persist=settings, **args)

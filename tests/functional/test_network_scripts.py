@@ -32,15 +32,7 @@ def rh7(tmp_path):
     rh7boot.prepare_host(sysconfig, tmp_path / "systemd", ADMIN_IPTABLES)
     (scripts / "ifcfg-eth0").write_text("DEVICE=eth0\nBOOTPROTO=none\nONBOOT=yes\n")
     (scripts / "route-eth0").write_text(ADMIN_ROUTES)
-    (tmp_path / "sysctl.d").mkdir()
-    return {
-        "dir": str(tmp_path / "relayroute"),
-        "mechanism": "network-scripts",
-        "network_scripts_dir": str(scripts),
-        "iptables_file": str(sysconfig / "iptables"),
-        "sysctl_dir": str(tmp_path / "sysctl.d"),
-        "systemd_dir": str(tmp_path / "systemd"),
-    }
+    return rh7boot.persist_settings(tmp_path)
 
 
 def files_of(tmp_path):

@@ -70,6 +70,24 @@ def prepare_host(sysconfig, systemd_system, saved_ruleset, saved_ruleset6=None):
             (wants / unit).symlink_to(f"/usr/lib/systemd/system/{unit}")
 
 
+def persist_settings(root):
+    """
+    relayroute's ``persist`` settings for a CentOS 7 host whose files live
+    under ``root`` (as :func:`prepare_host` makes them in ``root/sysconfig``
+    and ``root/systemd``); ``root/sysctl.d`` is made here.
+    """
+    sysconfig = root / "sysconfig"
+    (root / "sysctl.d").mkdir(exist_ok=True)
+    return {
+        "dir": str(root / "relayroute"),
+        "mechanism": "network-scripts",
+        "network_scripts_dir": str(sysconfig / "network-scripts"),
+        "iptables_file": str(sysconfig / "iptables"),
+        "sysctl_dir": str(root / "sysctl.d"),
+        "systemd_dir": str(root / "systemd"),
+    }
+
+
 def ifup_routes_commands(network_scripts, dev):
     """The ``ip`` commands ifup-routes runs for ``dev``."""
     commands = []
