@@ -199,22 +199,23 @@ def gateway_problem(address):
 def check_gateways(addresses, raw, errors, path):
     """Drop (and report) addresses that cannot be a next hop; keep the others."""
     kept = []
-    items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
     for address in addresses:
         why = gateway_problem(address)
         if why is None:
             kept.append(address)
-            continue
-        index = next(i for i, item in enumerate(items) if _same_address(item, address))
-        errors.add(f"{path}:{index}" if isinstance(raw, (list, tuple)) else path, items[index], why)
+        else:
+            errors.add(*where(path, raw, address), why)
     return tuple(kept)
 
 
-def _same_address(item, address):
-    try:
-        return ipaddress.ip_address(str(item).strip()) == ipaddress.ip_address(address)
-    except ValueError:
-        return False
+def where(path, raw, address):
+    """The key path and raw value of ``address`` within a one-or-list pillar value."""
+    if not isinstance(raw, (list, tuple)):
+        return path, raw
+    for index, item in enumerate(raw):
+        if to_address(item, _Errors(), "") == address:
+            return f"{path}:{index}", item
+    return path, raw
 
 
 def plain(addresses):

@@ -171,16 +171,6 @@ def _not_unicast(address):
     return None
 
 
-def _where(path, raw, address):
-    """The key path and raw value of ``address`` within a one-or-list pillar value."""
-    if not isinstance(raw, (list, tuple)):
-        return path, raw
-    for index, item in enumerate(raw):
-        if _quiet(model.to_address, item) == address:
-            return f"{path}:{index}", item
-    return path, raw
-
-
 def _host_addresses(value, errors, path, gateway=False):
     """
     A host's unicast addresses, one or one per family (IPv4 first), normalised;
@@ -194,7 +184,7 @@ def _host_addresses(value, errors, path, gateway=False):
     for address in addresses:
         why = _not_unicast(address)
         if why:
-            where, raw = _where(path, value, address)
+            where, raw = model.where(path, value, address)
             errors.add(where, raw, f"is {why}, not a host's unicast address")
         else:
             kept.append(address)
@@ -415,7 +405,7 @@ def topology(config, minion_id=None):
         addresses = _host_addresses(value, errors, path)
         relay_families[name] = {_version(address) for address in addresses}
         for address in addresses:
-            where, raw = _where(path, value, address)
+            where, raw = model.where(path, value, address)
             if address in relay_addresses:
                 errors.add(where, raw, f"is also relay {relay_addresses[address]!r}'s")
             else:
@@ -450,7 +440,7 @@ def topology(config, minion_id=None):
             vips[name] = _host_addresses(entry["vip"], errors, path)
             for vip in vips[name]:
                 if vip in relay_addresses:
-                    where, raw = _where(path, entry["vip"], vip)
+                    where, raw = model.where(path, entry["vip"], vip)
                     errors.add(
                         where,
                         raw,
@@ -464,7 +454,7 @@ def topology(config, minion_id=None):
         # The LAN addresses; relay_spec reports what is no address at all.
         addresses = _quiet(model.to_addresses, entry.get("address"))
         for address in addresses:
-            where, raw = _where(f"proxies:{name}:address", entry["address"], address)
+            where, raw = model.where(f"proxies:{name}:address", entry["address"], address)
             if model.gateway_problem(address):
                 continue  # relay_spec names it
             if address in relay_addresses:
@@ -609,7 +599,7 @@ def _vip_families(name, entry, vips, addresses, relays, relay_families, errors):
     served = set().union(*relay_families.values()) if relay_families else set()
     for vip in vips:
         version = _version(vip)
-        where, raw = _where(f"proxies:{name}:vip", entry["vip"], vip)
+        where, raw = model.where(f"proxies:{name}:vip", entry["vip"], vip)
         if addresses and version not in own:
             errors.add(
                 where,
