@@ -117,15 +117,19 @@ def backend(name=iptables.NAME):
         raise InputError([f"backend: unknown packet-filter backend (got {name!r})"]) from None
 
 
-def read(filter_backend, kernel=None, sysctl_keys=(), memory=None):
+def read(filter_backend, kernel=None, sysctl_keys=(), memory=None, part=None):
     """
     The kernel now: one ruleset read, netlink dumps (reused when given), the
     kernel parameters that matter (the plan's and those relayroute set before,
     read from /proc/sys), and what relayroute remembered on disk.
+    ``part``: an owner's chain prefix: the packet filter's read may hold that
+    owner's part alone (``read_part``: what a verification compares, at a
+    cost that does not grow with other tools' rules).
     """
     memory = memory or {}
     keys = set(sysctl_keys) | set(memory.get("sysctls_before", {}))
-    return Current(kernel or netlink.read(), filter_backend.read(), sysctl.read(keys), memory)
+    ruleset = filter_backend.read_part(part) if part else filter_backend.read()
+    return Current(kernel or netlink.read(), ruleset, sysctl.read(keys), memory)
 
 
 def _rule_key(rule):
@@ -551,10 +555,11 @@ def converge(
             other.apply(payload)
         done += netlink.run_ops(todo.after)
         keys = [item.key for item in plan.sysctls]
-        now = read(filter_backend, sysctl_keys=keys)
+        now = read(filter_backend, sysctl_keys=keys, part=plan.owner.chain_prefix)
         now.kernel = adopt_rules(now.kernel, plan, current.memory)
         again = diff(plan, now, filter_backend, scope)
-        left, _ = clearing(plan.owner, [(other, other.read()) for other, _r, _p in clears])
+        prefix_ = plan.owner.chain_prefix
+        left, _ = clearing(plan.owner, [(o, o.read_part(prefix_)) for o, _r, _p in clears])
         if again or left:
             found = [f"{again.changes}"] if again else []
             found += [f"{other.NAME} still holds the role's part" for other, _r, _p in left]

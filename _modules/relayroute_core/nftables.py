@@ -580,9 +580,18 @@ def read():
     (0.28 ms with or without them; a missing one 0.05 ms).
     """
     # The library's message carries strerror() of this same process (same locale).
+    return _read_tables(_tables())
+
+
+def read_part(prefix):
+    """The owner's table alone (``prefix``: its chain prefix), what verifying an apply compares."""
+    return _read_tables([table_name(prefix)])
+
+
+def _read_tables(names):
     missing = os.strerror(errno.ENOENT)
     ruleset = Ruleset()
-    for name in _tables():
+    for name in names:
         command = f"list table {FAMILY} {name}"
         code, out, err = run(command, json_output=True)
         if code == 0:

@@ -136,7 +136,9 @@ class Host:
         fields = {
             name: getattr(iptables, name) for name in dir(iptables) if not name.startswith("_")
         }
-        return types.SimpleNamespace(**{**fields, "read": read, "apply": apply})
+        return types.SimpleNamespace(
+            **{**fields, "read": read, "read_part": lambda prefix: read(), "apply": apply}
+        )
 
 
 @pytest.fixture
