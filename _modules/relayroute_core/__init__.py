@@ -53,7 +53,7 @@ from . import lazy  # noqa: E402
 # not change since it ran in this process is kept as it is (lazy.py).
 lazy.keep_unchanged_submodules(__name__)
 
-from . import engine, follow, model, netlink, planner, topology  # noqa: E402
+from . import engine, follow, mine, model, netlink, planner, topology  # noqa: E402
 from . import family as families  # noqa: E402
 from . import persist as persistence  # noqa: E402
 
@@ -239,14 +239,22 @@ def _read(filter_backend):
         raise _fail(err) from err
 
 
-def validate_topology(config, minion_id=None):
+def validate_topology(config, minion_id=None, records=None):
     """
     Validate the whole ``relayroute`` pillar (the topology of every proxy and
-    relay) and return ``{"errors": [...], "relay": {...}, "proxy": {...}}``:
-    the errors, each naming the pillar key path and value, or the arguments
-    of the relay states and of this minion's proxy states. Pure: reads
-    nothing from the host; the formula's ``map.jinja`` calls it before any
-    state runs.
+    relay) and return ``{"errors": [...], "relay": {...}, "proxy": {...},
+    "mine": [...]}``: the errors, each naming the pillar key path and value,
+    or the arguments of the relay states and of this minion's proxy states.
+    The formula's ``map.jinja`` calls it before any state runs.
+
+    With ``mine:enabled`` or ``relays_from_mine`` in the pillar, what the
+    pillar omits (proxies' MACs, relays' addresses, the relays themselves)
+    comes from the Salt mine's relayroute records (one ``mine.get`` of the
+    master; see the README, "The fleet from the mine"); ``mine`` lists what
+    was taken and what was ignored as stale. This minion's own record is
+    made here (one netlink dump), so a new relay's first highstate counts
+    itself. Without those keys nothing is read from the host or the master.
+    ``records``: ``{minion id: record}`` to use instead of the mine's.
 
     CLI Example:
 
@@ -255,7 +263,50 @@ def validate_topology(config, minion_id=None):
         salt relay1 relayroute.validate_topology \\
             "$(salt-call --out=json pillar.get relayroute)" minion_id=relay1
     """
-    return topology.topology(config, minion_id)
+    notes = []
+    if mine.wanted(config):
+        if records is None:
+            records = __salt__["mine.get"]("*", mine.ALIAS)  # noqa: F821 - Salt's loader
+        records = dict(records or {})
+        roles = __grains__.get("roles") or []  # noqa: F821 - Salt's loader
+        if minion_id is not None and {"relay", "proxy"} & set(_as_list(roles)):
+            records[str(minion_id)] = mine_record()
+        config, notes = mine.merge(config, records)
+        for note in notes:
+            (log.warning if note.endswith("ignored") else log.info)("relayroute: %s", note)
+    return {**topology.topology(config, minion_id), "mine": notes}
+
+
+def _as_list(value):
+    return [value] if isinstance(value, str) else list(value or ())
+
+
+def mine_record():
+    """
+    What this minion publishes to the Salt mine for relayroute: its roles
+    (grain ``roles``), the time, and each global unicast address with its
+    interface and MAC (see the README, "The fleet from the mine"). Meant for
+    the mine, through the pillar:
+
+    .. code-block:: yaml
+
+        mine_functions:
+          relayroute:
+            mine_function: relayroute.mine_record
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' relayroute.mine_record
+        salt-run mine.get '*' relayroute
+    """
+    try:
+        addresses = netlink.host_addresses()
+    except RuntimeError as err:
+        raise _fail(err) from err
+    roles = __grains__.get("roles") or []  # noqa: F821 - Salt's loader
+    return mine.record(addresses, _as_list(roles))
 
 
 def plan(lan_networks, mark_mask, proxies, backend="iptables"):

@@ -275,6 +275,27 @@ def read():
     )
 
 
+@_wrap("reading the host's addresses over netlink")
+def host_addresses():
+    """
+    ``[(address, prefixlen, interface name, interface MAC)]``: every address
+    of the host in relayroute's families (what a minion publishes to the
+    mine, see :mod:`mine`); the MAC is "" on a link without one (lo, tun).
+    """
+    with IPRoute() as ipr:
+        links = {
+            link["index"]: (link.get("IFLA_IFNAME") or "", link.get("IFLA_ADDRESS") or "")
+            for link in ipr.get_links()
+        }
+        addr_msgs = _ours(ipr.get_addr(family=socket.AF_UNSPEC))
+    found = []
+    for msg in addr_msgs:
+        name, mac = links.get(msg["index"], ("", ""))
+        address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+        found.append((address, msg["prefixlen"], name, mac if mac.count(":") == 5 else ""))
+    return found
+
+
 def _route_args(route, ipr):
     args = {
         "dst": route.dst,

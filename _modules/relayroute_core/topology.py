@@ -37,7 +37,10 @@ TOP_KEYS = {
     "lookup",
     "persist",
     "watch",
+    "mine",
+    "relays_from_mine",
 }
+MINE_KEYS = {"enabled", "max_age"}
 WATCH_KEYS = {"enabled", "debounce", "shell"}
 PROXY_ENTRY_KEYS = {"address", "mac", "macs", "mark", "table", "priority", "vip", "nodes"}
 RELAY_ENTRY_KEYS = {"address", "ports"}
@@ -326,6 +329,34 @@ def persist(values, errors, path):
             errors.add(f"{path}:wanted_by", values["wanted_by"], "must name a systemd .target")
 
 
+def mine_settings(config, errors):
+    """
+    ``mine`` (``enabled``: proxies' MACs and relays' addresses the pillar
+    omits come from the Salt mine; ``max_age``: seconds after which a record
+    is ignored) and ``relays_from_mine`` (true, false, or a list of minion-id
+    globs: relay-role minions of the mine added to HAProxy's backends).
+    See :mod:`mine`.
+    """
+    values = _settings(config.get("mine"), errors, "mine", "mine settings", MINE_KEYS)
+    if values is not None:
+        _booleans(values, ("enabled",), errors, "mine")
+        if "max_age" in values:
+            age = values["max_age"]
+            if isinstance(age, bool) or not isinstance(age, (int, float)) or age <= 0:
+                errors.add("mine:max_age", age, "must be a number of seconds above 0")
+    allow = config.get("relays_from_mine", False)
+    if isinstance(allow, bool):
+        return
+    if not isinstance(allow, (list, tuple)) or not allow:
+        errors.add(
+            "relays_from_mine", allow, "must be true, false or a non-empty list of minion-id globs"
+        )
+        return
+    for index, glob in enumerate(allow):
+        if not isinstance(glob, str) or not glob.strip():
+            errors.add(f"relays_from_mine:{index}", glob, "must be a minion-id glob")
+
+
 def watch(values, errors, path):
     """
     The watcher that puts a role's routing back between applies: ``enabled``,
@@ -533,6 +564,7 @@ def topology(config, minion_id=None):
             "(backend: nftables); use mechanism 'unit'",
         )
     watch(config.get("watch"), errors, "watch")
+    mine_settings(config, errors)
 
     if errors.items or spec is None or proxy_spec is None:
         return {"errors": errors.items, "relay": None, "proxy": None, "unlisted_relay": None}
