@@ -609,6 +609,35 @@ def read():
     return Ruleset(tables=tables, read=tuple(done))
 
 
+def marked_packets(prefix):
+    """
+    ``{mac: packets}``: the packets the owner's marking rules have marked
+    (iptables' own rule counters, ``*-save -c``), in each family read.
+    """
+    found = {}
+    for version in VERSIONS:
+        tool = TOOLS[version]
+        if not (tool.always_read or _may_hold(tool)):
+            continue
+        text = _run((f"{tool.command}-save", "-c", "-t", TABLE))
+        for mac, packets in _counted(text, prefix):
+            found[mac] = found.get(mac, 0) + packets
+    return found
+
+
+def _counted(text, prefix):
+    """``(mac, packets)`` of each owned marking rule in ``*-save -c`` output."""
+    for line in text.splitlines():
+        if not line.startswith("[") or f" -A {prefix}" not in line:
+            continue
+        counters, _rest = line.split("]", 1)
+        words = line.split()
+        if "--mac-source" not in words or "--set-xmark" not in words:
+            continue
+        packets = int(counters.lstrip("[").split(":")[0])
+        yield words[words.index("--mac-source") + 1].lower(), packets
+
+
 def _owned_prefixes():
     return tuple(owner.chain_prefix for owner in planner.OWNERS.values())
 

@@ -152,11 +152,16 @@ def table_name(prefix_or_owner):
 
 
 def _canonical(value):
-    """A rule's statements with set elements in one order: equal rules, equal JSON text."""
+    """
+    A rule's statements with set elements in one order and counters without
+    their values: equal rules, equal JSON text.
+    """
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            if key == "set" and isinstance(item, list):
+            if key == "counter":
+                out[key] = None
+            elif key == "set" and isinstance(item, list):
                 elements = (_canonical(x) for x in item)
                 out[key] = sorted(elements, key=lambda x: json.dumps(x, sort_keys=True))
             else:
@@ -265,7 +270,9 @@ def render_rule(rule, values, helpers):
     if kind == "mark_from_mac":
         mac, mark, mask = args
         ether = {"payload": {"protocol": "ether", "field": "saddr"}}
-        return [[_match(ether, mac.lower()), _set_bits(META_MARK, mark, mask)]]
+        # The counter is what relayroute.status reports as marked packets
+        # (iptables counts every rule by itself); compared without its values.
+        return [[_match(ether, mac.lower()), {"counter": None}, _set_bits(META_MARK, mark, mask)]]
     if kind == "set_mark":
         mark, mask = args
         return [[_set_bits(META_MARK, mark, mask)]]
@@ -385,6 +392,8 @@ def _statement(item):
             return f"{_value(body['left'], hexa)} {op}{_value(body['right'], hexa)}"
         if key == "mangle":
             return f"{_value(body['key'], True)} set {_value(body['value'], True)}"
+        if key == "counter":
+            return "counter"
         if key == "vmap":
             hexa = _mentions_mark(body["key"])
             elements = ", ".join(
@@ -544,6 +553,38 @@ def marked_macs(ruleset, prefix):
             if mac and isinstance(mark, int):
                 found.setdefault(mark, set()).add(mac)
     return {mark: sorted(macs) for mark, macs in found.items()}
+
+
+def marked_packets(prefix):
+    """
+    ``{mac: packets}``: the packets the owner's marking rules have marked
+    (their counters; the first packet of each connection from the proxy,
+    since later ones carry the restored mark), read now. ``{}`` without the
+    owner's table.
+    """
+    code, out, err = run(f"list table {FAMILY} {table_name(prefix)}", json_output=True)
+    if code != 0:
+        if os.strerror(errno.ENOENT) in err:
+            return {}
+        raise BackendError(f"nft list table failed: {err.strip()}")
+    return _packets_by_mac(json.loads(out))
+
+
+def _packets_by_mac(document):
+    found = {}
+    for item in document.get("nftables", []):
+        statements = item.get("rule", {}).get("expr", []) if "rule" in item else []
+        mac = packets = None
+        for statement in statements:
+            body = statement.get("match") if isinstance(statement, dict) else None
+            if body and body.get("left") == {"payload": {"protocol": "ether", "field": "saddr"}}:
+                mac = str(body["right"]).lower()
+            counter = statement.get("counter") if isinstance(statement, dict) else None
+            if isinstance(counter, dict):
+                packets = int(counter.get("packets", 0))
+        if mac and packets is not None:
+            found[mac] = found.get(mac, 0) + packets
+    return found
 
 
 # --- reading the kernel --------------------------------------------------------

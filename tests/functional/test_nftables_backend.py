@@ -266,8 +266,8 @@ def test_test_mode_shows_nft_changes_and_changes_nothing(loaders, relay_ns):
         new = dry.changes["nftables"]["new"]
         assert new[0] == f"add table {TABLE}"
         assert (
-            f"add rule {TABLE} PRE ether saddr {MAC} meta mark set meta mark & 0xfffffffe | 0xfe"
-            in new
+            f"add rule {TABLE} PRE ether saddr {MAC} counter "
+            "meta mark set meta mark & 0xfffffffe | 0xfe" in new
         )
         assert dry.changes["nftables"]["old"] == []
         assert snapshot(relay_ns) == before
@@ -454,7 +454,10 @@ def test_formula_relay_component_with_backend_nftables(loaders, relay_ns, tmp_pa
         ret = loaders.modules.state.sls("relayroute.relay", pillar=pillar)
         assert all(state["result"] is True for state in ret.raw.values()), ret.raw
         table = our_table(relay_ns)
-        assert "ether saddr 02:00:c0:00:02:02 meta mark set meta mark & 0xffffff2f" in table
+        assert (
+            "ether saddr 02:00:c0:00:02:02 counter packets 0 bytes 0 "
+            "meta mark set meta mark & 0xffffff2f" in table
+        )
         assert "RELAYROUTE" not in relay_ns.exec("iptables-save").stdout
         assert "nft -f - <<'RULES'" in (tmp_path / "relayroute" / "relay.restore").read_text()
         again = loaders.modules.state.sls("relayroute.relay", pillar=pillar)

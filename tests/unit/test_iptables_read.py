@@ -71,3 +71,20 @@ def test_which_chains_a_verification_lists(monkeypatch, kind, chains, expected):
     monkeypatch.setattr(iptables, "flavour", lambda tool: kind)
     monkeypatch.setattr(iptables, "nft_chains", lambda nfproto: chains)
     assert iptables._owned_chain_names(iptables.TOOLS[4], PREFIX) == expected
+
+
+def test_marked_packets_are_the_marking_rules_counters():
+    text = (
+        "*mangle\n:PREROUTING ACCEPT [10:600]\n"
+        f"[7:420] -A PREROUTING -j {PREFIX}PRE\n"
+        f"[3:180] -A {PREFIX}PRE -m mac --mac-source 02:00:C0:00:02:02 "
+        "-j MARK --set-xmark 0xfe/0xff\n"
+        f"[2:120] -A {PREFIX}PRE -m mac --mac-source 02:00:C0:00:02:03 "
+        "-j MARK --set-xmark 0xfa/0xff\n"
+        "[9:540] -A OTHER -m mac --mac-source 02:00:C0:00:02:02 -j MARK --set-xmark 0x1/0x1\n"
+        "COMMIT\n"
+    )
+    assert dict(iptables._counted(text, PREFIX)) == {
+        "02:00:c0:00:02:02": 3,
+        "02:00:c0:00:02:03": 2,
+    }

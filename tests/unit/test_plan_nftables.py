@@ -47,7 +47,8 @@ KERNEL_RELAY = """\
 "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "nd-redirect"]}}},
 {"return": null}]}}, {"rule": {"family": "inet", "table": "relayroute_relay", "chain":
 "PRE", "handle": 16, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol":
-"ether", "field": "saddr"}}, "right": "02:00:c0:00:02:02"}}, {"mangle": {"key": {"meta":
+"ether", "field": "saddr"}}, "right": "02:00:c0:00:02:02"}},
+{"counter": {"packets": 3, "bytes": 180}}, {"mangle": {"key": {"meta":
 {"key": "mark"}}, "value": {"|": [{"&": [{"meta": {"key": "mark"}}, 4294967294]},
 254]}}}]}}, {"rule": {"family": "inet", "table": "relayroute_relay", "chain": "PRE",
 "handle": 17, "expr": [{"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"&": [{"ct":
@@ -131,7 +132,7 @@ SEED_LINES = [
     f"add rule {T} PRE ip saddr 192.0.2.0/24 return",
     f"add rule {T} PRE ip6 saddr fe80::/10 return",
     f"add rule {T} PRE icmpv6 type {{ {ND} }} return",
-    f"add rule {T} PRE ether saddr {MAC} meta mark set meta mark & 0xfffffffe | 0xfe",
+    f"add rule {T} PRE ether saddr {MAC} counter meta mark set meta mark & 0xfffffffe | 0xfe",
     f"add rule {T} PRE ct mark set ct mark & 0xffffff00",
     f"add rule {T} PRE meta mark & 0xff vmap {{ 0xfe : jump ctmark-0xfe-0xff }}",
     f"add rule {T} ctmark-0xfe-0xff ct mark set ct mark & 0xfffffffe | 0xfe",
@@ -271,10 +272,14 @@ def test_a_changed_table_is_seen_and_rewritten():
     for item in document["nftables"]:
         rule = item.get("rule")
         if rule and rule["chain"] == "PRE" and "ether" in json.dumps(rule["expr"]):
-            rule["expr"][1]["mangle"]["value"]["|"][1] = 0xFD
+            rule["expr"][2]["mangle"]["value"]["|"][1] = 0xFD
     ruleset = nftables.Ruleset({"relayroute_relay": nftables.parse(document)})
     assert nftables.transaction(planner.relay_plan(seed_spec()), ruleset)
     assert nftables.marked_macs(ruleset, planner.RELAY.chain_prefix) == {0xFD: [MAC]}
+
+
+def test_marked_packets_are_the_marking_rules_counters():
+    assert nftables._packets_by_mac(json.loads(KERNEL_RELAY)) == {MAC: 3}
 
 
 def test_marked_macs_as_the_iptables_backend_gives_them():
