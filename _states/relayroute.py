@@ -72,6 +72,7 @@ def relay_present(
     prefix="",
     persist_dir=None,
     persist=None,
+    watcher=None,
 ):
     """
     Make this relay answer each connection through the gateway it came in by.
@@ -98,6 +99,12 @@ def relay_present(
         The pillar's ``persist`` settings instead: ``dir``, ``mechanism``
         (``unit``, or ``network-scripts`` for CentOS 7's route-/rule- files and
         /etc/sysconfig/iptables) and the paths of those files.
+    watcher
+        The watcher's settings (``relayroute:watch``: ``enabled``,
+        ``debounce``, ``shell``; not ``watch``, Salt's requisite); given,
+        the role's systemd units (boot unit, watcher and its unit, their
+        ``.wants`` symlinks) are kept with mechanism ``unit`` and removed
+        otherwise, reported under ``changes: persist``.
     """
     return _run(
         name,
@@ -110,11 +117,12 @@ def relay_present(
         prefix=prefix,
         persist_dir=persist_dir,
         persist=persist,
+        watcher=watcher,
     )
 
 
-def relay_absent(name, backend="iptables", persist_dir=None, persist=None):
-    """Remove exactly what relayroute added for the relay role, boot files included."""
+def relay_absent(name, backend="iptables", persist_dir=None, persist=None, watcher=None):
+    """Remove exactly what relayroute added for the relay role, boot files and units included."""
     return _run(
         name,
         "relayroute.relay_remove",
@@ -122,6 +130,7 @@ def relay_absent(name, backend="iptables", persist_dir=None, persist=None):
         backend=backend,
         persist_dir=persist_dir,
         persist=persist,
+        watcher=watcher,
     )
 
 
@@ -136,6 +145,7 @@ def proxy_present(
     persist_dir=None,
     persist=None,
     families=(4,),
+    watcher=None,
 ):
     """
     Keep the transparent proxy's divert routing: ``-m socket --transparent``
@@ -143,6 +153,7 @@ def proxy_present(
     ``local 0.0.0.0/0 dev lo table divert_table`` (and ``local ::/0`` for
     IPv6). ``divert_mark`` defaults to the lowest bit of ``mark_mask``.
     ``families``: the address families of the proxy's VIPs (``[4, 6]``).
+    ``persist``, ``watcher``: as for :func:`relay_present`.
     """
     return _run(
         name,
@@ -157,11 +168,12 @@ def proxy_present(
         persist_dir=persist_dir,
         persist=persist,
         families=families,
+        watcher=watcher,
     )
 
 
-def proxy_absent(name, backend="iptables", persist_dir=None, persist=None):
-    """Remove exactly what relayroute added for the proxy role, boot files included."""
+def proxy_absent(name, backend="iptables", persist_dir=None, persist=None, watcher=None):
+    """Remove exactly what relayroute added for the proxy role, boot files and units included."""
     return _run(
         name,
         "relayroute.proxy_remove",
@@ -169,6 +181,7 @@ def proxy_absent(name, backend="iptables", persist_dir=None, persist=None):
         backend=backend,
         persist_dir=persist_dir,
         persist=persist,
+        watcher=watcher,
     )
 
 
@@ -211,3 +224,62 @@ def policy_route_absent(name, table, gateway, fwmark, priority, fwmask=0xFFFFFFF
         fwmask=fwmask,
         priority=priority,
     )
+
+
+def haproxy_privileged(name, pidfile=None, pid=None, user=None, require_running=True):
+    """
+    Fail when the running HAProxy lacks what transparent proxying needs:
+    CAP_NET_BIND_SERVICE, and CAP_NET_ADMIN or CAP_NET_RAW (IP_TRANSPARENT),
+    in the effective set of its master and every worker; with ``user``, also
+    when a process runs as another user. An HAProxy without CAP_NET_ADMIN and
+    CAP_NET_RAW starts and accepts connections, then drops every one: this
+    state turns that into a failed state naming what is missing. It changes
+    nothing and reads ``/proc`` only.
+
+    pidfile, pid
+        The master's pid file (the unit's ``PIDFILE``) or pid.
+    user
+        The user HAProxy must run as.
+    require_running
+        False where relayroute does not run HAProxy (``manage_service:
+        false``): an HAProxy that is not running passes, one that runs is
+        checked.
+
+    .. code-block:: yaml
+
+        relayroute-proxy-haproxy-privileges:
+          relayroute.haproxy_privileged:
+            - pidfile: /run/haproxy/haproxy.pid
+            - user: haproxy
+    """
+    ret = {"name": name, "result": False, "changes": {}, "comment": ""}
+    try:
+        function = __salt__["relayroute.haproxy_privileges"]
+    except KeyError:
+        ret["comment"] = (
+            "relayroute.haproxy_privileges is not available: run saltutil.sync_all, and "
+            "see 'salt-call sys.doc relayroute' for what this host lacks"
+        )
+        return ret
+    try:
+        found = function(pidfile=pidfile, pid=pid, user=user)
+    except (CommandExecutionError, SaltInvocationError) as err:
+        ret["comment"] = str(err)
+        return ret
+    if not found["running"]:
+        if not require_running:
+            ret["result"] = True
+        elif __opts__.get("test"):
+            ret["result"] = None  # the service state before this one would start it
+        ret["comment"] = found["comment"] + (
+            "" if require_running else " (relayroute does not run it: nothing to check)"
+        )
+        return ret
+    if found["problems"]:
+        # In test mode a restart before this state may be pending: not yet a failure.
+        ret["result"] = None if __opts__.get("test") else False
+        ret["comment"] = "; ".join(found["problems"]) + f". {found['comment']}"
+        return ret
+    ret["result"] = True
+    ret["comment"] = f"{found['comment']}: every process has what it needs"
+    return ret

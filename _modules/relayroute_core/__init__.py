@@ -183,18 +183,29 @@ def _host_relay_plan(spec, kernel, prefix):
     return planner.relay_plan(spec, mark_aware_interfaces=interfaces)
 
 
-def _persist_target(persist, persist_dir, prefix):
-    """The :class:`persist.Target` from ``persist`` settings (None: not kept)."""
+def _persist_target(persist, persist_dir, prefix, watch=None):
+    """
+    The :class:`persist.Target` from ``persist`` settings (None: not kept).
+    With ``watch`` (the watcher's settings, which the formula's states always
+    pass) the role's systemd units are the target's too (``units``).
+    """
     settings = dict(persist or {})
     if persist_dir:
         settings.setdefault("dir", persist_dir)
     errors = model._Errors(prefix)
     topology.persist(settings, errors, "persist")
+    if watch is not None:
+        topology.watch(watch, errors, "watch")
     if errors.items:
         raise SaltInvocationError("; ".join(errors.items))
     if not settings.get("dir") or settings.get("enabled") is False:
         return None
     fields = {f.name for f in dataclasses.fields(persistence.Target)}
+    if watch is not None:
+        settings["units"] = True
+        for key in ("enabled", "debounce", "shell"):
+            if key in watch:
+                settings["watch" if key == "enabled" else f"watch_{key}"] = watch[key]
     return persistence.Target(**{k: v for k, v in settings.items() if k in fields})
 
 
@@ -353,6 +364,7 @@ def relay_apply(
     prefix="",
     persist_dir=None,
     persist=None,
+    watcher=None,
 ):
     """
     Put a relay's reply routing in place: per proxy a table whose default
@@ -384,6 +396,18 @@ def relay_apply(
         drop-in instead of the restore script. A host that would not restore
         them at boot (no iptables.service, firewalld enabled) is refused
         before anything changes.
+    watcher
+        The watcher's settings (pillar ``relayroute:watch``: ``enabled``,
+        ``debounce``, ``shell``), e.g. ``{enabled: true}``. Given (the
+        formula's states always give them), with mechanism ``unit`` the
+        role's systemd units are kept too, as boot files: the boot unit
+        ``relayroute-relay.service``, the watcher ``<dir>/relay.watch`` and
+        its unit ``relayroute-relay-watch.service`` (not with ``enabled:
+        false``), each enabled by a symlink in
+        ``<systemd_dir>/<wanted_by>.wants``; removed with another mechanism.
+        On a systemd host a changed unit is followed by ``systemctl
+        daemon-reload`` and a changed watcher is (re)started; a no-op runs
+        nothing. Without it, units are left as they are.
 
     CLI Example:
 
@@ -395,17 +419,19 @@ def relay_apply(
     spec = _relay_spec(lan_networks, mark_mask, proxies, prefix)
     filter_backend = _backend(backend)
     kernel = _kernel()
-    target = _persist_target(persist, persist_dir, prefix)
+    target = _persist_target(persist, persist_dir, prefix, watcher)
     relay = _host_relay_plan(spec, kernel, prefix)
     return _converge(relay, filter_backend, test, prefix, target=target, kernel=kernel)
 
 
-def relay_remove(test=False, backend="iptables", persist_dir=None, persist=None):
+def relay_remove(test=False, backend="iptables", persist_dir=None, persist=None, watcher=None):
     """
     Remove everything relayroute added for the relay role: its mangle chains
     and jumps, its ip rules and its table routes; with ``persist_dir`` (or
-    ``persist``), its boot files and blocks, and kernel parameters get their
-    earlier values back. Nothing else is touched.
+    ``persist``), its boot files and blocks (the systemd units it wrote, the
+    watcher stopped first on a systemd host; with ``watcher``, as the formula's
+    ``clean`` passes it, the role's units wherever they came from), and
+    kernel parameters get their earlier values back. Nothing else is touched.
 
     CLI Example:
 
@@ -415,7 +441,7 @@ def relay_remove(test=False, backend="iptables", persist_dir=None, persist=None)
     """
     filter_backend = _backend(backend)
     # Removal cleans the boot files even where persistence is now switched off.
-    target = _persist_target({**(persist or {}), "enabled": True}, persist_dir, "")
+    target = _persist_target({**(persist or {}), "enabled": True}, persist_dir, "", watcher)
     empty = planner.empty_plan(planner.RELAY)
     return _converge(empty, filter_backend, test, target=target)
 
@@ -431,13 +457,15 @@ def proxy_apply(
     persist_dir=None,
     persist=None,
     families=(4,),
+    watcher=None,
 ):
     """
     Put the transparent proxy's divert routing in place: packets of local
     transparent sockets (``-m socket --transparent``) get ``divert_mark``,
     ``ip rule fwmark MARK/MASK lookup divert_table``, and
     ``local 0.0.0.0/0 dev lo`` in that table. ``persist_dir``/``persist`` as
-    for :func:`relay_apply` (with ``network-scripts``: ``route-lo``/``rule-lo``).
+    for :func:`relay_apply` (with ``network-scripts``: ``route-lo``/``rule-lo``),
+    and ``watcher`` too (``relayroute-proxy.service``, ``relayroute-proxy-watch.service``).
     ``divert_mark`` defaults to the lowest bit of ``mark_mask`` (1 for 0xff,
     0x10 for 0xf0). ``families``: the address families of the proxy's VIPs
     (``[4, 6]`` for a dual-stack proxy: ``local ::/0 dev lo`` and the IPv6 rule too).
@@ -451,13 +479,14 @@ def proxy_apply(
     """
     spec = _proxy_spec(divert_mark, divert_table, divert_priority, mark_mask, prefix, families)
     filter_backend = _backend(backend)
-    target = _persist_target(persist, persist_dir, prefix)
+    target = _persist_target(persist, persist_dir, prefix, watcher)
     return _converge(planner.proxy_plan(spec), filter_backend, test, prefix, target=target)
 
 
-def proxy_remove(test=False, backend="iptables", persist_dir=None, persist=None):
+def proxy_remove(test=False, backend="iptables", persist_dir=None, persist=None, watcher=None):
     """
-    Remove everything relayroute added for the proxy role.
+    Remove everything relayroute added for the proxy role (``watcher`` as for
+    :func:`relay_remove`).
 
     CLI Example:
 
@@ -467,7 +496,7 @@ def proxy_remove(test=False, backend="iptables", persist_dir=None, persist=None)
     """
     filter_backend = _backend(backend)
     # Removal cleans the boot files even where persistence is now switched off.
-    target = _persist_target({**(persist or {}), "enabled": True}, persist_dir, "")
+    target = _persist_target({**(persist or {}), "enabled": True}, persist_dir, "", watcher)
     empty = planner.empty_plan(planner.PROXY)
     return _converge(empty, filter_backend, test, target=target)
 

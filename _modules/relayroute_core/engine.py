@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from . import family as families
-from . import iptables, netlink, nftables, persist, planner, sysctl
+from . import iptables, netlink, nftables, persist, planner, sysctl, units
 from .model import InputError
 
 log = logging.getLogger(__name__)
@@ -491,7 +491,11 @@ def converge(
     :class:`ApplyError` when applying fails (rolled back).
 
     With ``persist_target`` (a :class:`persist.Target`), what the host runs at
-    boot and the remembered earlier values are kept (see :mod:`persist`).
+    boot and the remembered earlier values are kept (see :mod:`persist`),
+    the role's systemd units among them when the target keeps units (on a
+    systemd host: ``systemctl daemon-reload`` and the watcher restarted when
+    a unit changed, see :func:`units.actions`; a no-op runs nothing). All are
+    written only once the kernel is right: a refused apply writes no boot path.
     ``kernel``: a netlink dump already made for this run, reused.
 
     Switching backend: the owner's part in another packet-filter backend
@@ -531,6 +535,8 @@ def converge(
     todo.changes.update(cleared)
     if saving:
         todo.changes["persist"] = saving["changes"]
+        if saving["systemd"]:
+            todo.changes["systemd"] = [" ".join(filter(None, act)) for act in saving["systemd"]]
     if test:
         return {"changes": todo.changes}
     if not todo and not clears:
@@ -601,8 +607,46 @@ def _lookups_failed(problems):
 
 
 def _save(target, plan, saving):
-    persist.write_files(saving["files"])
+    """
+    Write the boot files and the memory; on a systemd host, stop a watcher
+    whose unit goes first, and once written reload systemd's units and
+    (re)start a watcher whose unit or script changed (:func:`units.actions`).
+    """
+    todo = saving.get("systemd", [])
+    for verb, unit in todo:
+        if verb == "stop":
+            _systemctl(verb, unit)
+    persist.write_files(saving["files"], saving.get("kinds"))
     persist.save_memory(target.dir, plan.owner.role, saving["memory"])
+    for verb, unit in todo:
+        if verb != "stop":
+            _systemctl(verb, unit)
+
+
+# systemd's own test for a host it booted (sd_booted(3)); a test points it elsewhere.
+SYSTEMD_RUNTIME = "/run/systemd/system"
+SYSTEMCTL = "systemctl"
+
+
+def _on_systemd():
+    return os.path.isdir(SYSTEMD_RUNTIME)
+
+
+def _systemctl(verb, unit=None):
+    import subprocess
+
+    argv = [SYSTEMCTL, verb] + ([unit] if unit else [])
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError as err:
+        raise RuntimeError(
+            f"{' '.join(argv)}: {err}; the routing and boot files are in place"
+        ) from err
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(argv)} failed (exit {proc.returncode}): {proc.stderr.strip()}; "
+            "the routing and boot files are in place"
+        )
 
 
 def _persist_changes(plan, current, filter_backend, target, prefix=""):
@@ -618,12 +662,23 @@ def _persist_changes(plan, current, filter_backend, target, prefix=""):
         wanted = persist.boot_files(plan, target, current.kernel, filter_backend)
     except ValueError as err:
         raise InputError([f"{_key(prefix, 'persist:mechanism')}: {err}"]) from err
+    script, memory_path = persist.paths(target.dir, plan.owner.role)
     remembered = current.memory.get("boot_files", {})
+    # Units relayroute wrote, on an apply not told to keep units (no watcher
+    # settings: a call by hand): left as they are while the restore script
+    # they run stays, removed with it.
+    leave = not target.units and wanted.get(script, (None, None))[1] is not None
+    carried = {}
     for path, kind in remembered.items():
-        wanted.setdefault(path, (kind, None))
+        if path in wanted:
+            continue
+        if leave and kind in units.KINDS:
+            carried[path] = kind
+        else:
+            wanted[path] = (kind, None)
     files = {}
     for path, (kind, ours) in wanted.items():
-        old = persist.read_text(path)
+        old = persist.read_text(path, kind)
         files[path] = (kind, old, persist.merged(kind, old, ours, plan, filter_backend))
     writes = {path: item for path, item in files.items() if item[2] != item[1]}
     problems = persist.check_host(plan, target, files, _key(prefix, "persist:mechanism"))
@@ -631,12 +686,12 @@ def _persist_changes(plan, current, filter_backend, target, prefix=""):
     if problems:
         raise InputError(problems)
     memory = memory_after(plan, current, filter_backend.NAME)
-    script, memory_path = persist.paths(target.dir, plan.owner.role)
     # The restore script is always looked after; the other files are
     # remembered so that a later plan or mechanism without them cleans them.
     kept = {
         path: kind for path, (kind, ours) in wanted.items() if ours is not None and path != script
     }
+    kept.update(carried)
     if kept:
         memory["boot_files"] = kept
     if not writes and memory == current.memory:
@@ -649,10 +704,13 @@ def _persist_changes(plan, current, filter_backend, target, prefix=""):
         changes[memory_path] = (
             "removed" if not memory else ("updated" if current.memory else "created")
         )
+    unit_writes = {path: item for path, item in writes.items() if item[0] in units.KINDS}
     return {
         "files": {path: new for path, (_kind, _old, new) in writes.items()},
+        "kinds": {path: kind for path, (kind, _old, _new) in unit_writes.items()},
         "memory": memory,
         "changes": changes,
+        "systemd": units.actions(plan.owner.role, unit_writes, unit_writes and _on_systemd()),
     }
 
 

@@ -9,7 +9,9 @@ Two mechanisms (``persist:mechanism``):
 - ``unit`` (Debian, RHEL/Alma 8-9): ``<dir>/<role>.restore``, a POSIX shell
   script generated from the plan that puts the role's kernel parameters,
   routes, rules and chains back in place; the ``relayroute-<role>.service``
-  systemd unit (installed by the formula) runs it at boot.
+  systemd unit runs it at boot, and the watcher's unit when the kernel loses
+  part of it. With ``Target.units`` (the formula's states) the units, their
+  ``.wants`` symlinks and the watcher script are boot files too (:mod:`units`).
 - ``network-scripts`` (CentOS/RHEL 7): the distribution's own files, see
   :mod:`bootfiles`: route-/rule-<dev> blocks (route6-/rule6-<dev> for
   IPv6), the mangle part of ``/etc/sysconfig/iptables`` (and of
@@ -27,7 +29,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from . import bootfiles, planner
+from . import bootfiles, planner, units
 from . import family as families
 
 UNIT = "unit"
@@ -39,6 +41,9 @@ WHOLE, BLOCK, RULESET = "whole", "block", "ruleset"
 # The saved ruleset of each family: iptables.service's file, ip6tables.service's.
 RULESET6 = "ruleset6"
 RULESETS = {RULESET: families.IPV4.version, RULESET6: families.IPV6.version}
+# Files relayroute writes whole: its own, the units and the watcher, and the
+# units' symlinks (whose "text" is where they point).
+WHOLE_KINDS = (WHOLE, units.UNIT, units.SCRIPT, units.LINK)
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,16 @@ class Target:
     systemd_dir: str = "/etc/systemd/system"
     # ip6tables.service's file; by default ``ip6tables`` beside ``iptables_file``.
     ip6tables_file: str = ""
+    wanted_by: str = "multi-user.target"
+    # Whether the role's systemd units are relayroute's to keep (the states
+    # pass the watcher's settings): written with the unit mechanism, removed
+    # otherwise. Without it units are left as they are, but those relayroute
+    # wrote go with the role (an empty plan).
+    units: bool = False
+    # The watcher (relayroute:watch): whether it runs, its debounce and shell.
+    watch: bool = True
+    watch_debounce: float = 0.2
+    watch_shell: str = "/bin/bash"
 
     def saved_file(self, kind):
         """The saved ruleset file of a ruleset kind (its family's)."""
@@ -156,7 +171,11 @@ def boot_files(plan, target, kernel, filter_backend):
     script_path, _memory = paths(target.dir, role)
     sysctl_path = bootfiles.sysctl_file(target.sysctl_dir, role)
     if target.mechanism == UNIT:
-        return {script_path: (WHOLE, restore_script(plan, filter_backend))}
+        script = restore_script(plan, filter_backend)
+        files = {script_path: (WHOLE, script)}
+        if target.units:
+            files.update(units.files(role, script_path, script is not None, target, _watcher))
+        return files
     files = {
         script_path: (WHOLE, None),
         sysctl_path: (WHOLE, bootfiles.sysctl_text(plan)),
@@ -167,12 +186,21 @@ def boot_files(plan, target, kernel, filter_backend):
         files[target.saved_file(kind)] = (kind, plan if wanted else None)
     for name, lines in bootfiles.network_script_lines(plan, kernel).items():
         files[os.path.join(target.network_scripts_dir, name)] = (BLOCK, lines)
+    if target.units:
+        files.update(units.files(role, script_path, False, target, _watcher))
     return files
+
+
+def _watcher():
+    # Imported on first use: a no-op whose watcher is in place compares its text once.
+    from . import watcher
+
+    return watcher.SCRIPT
 
 
 def merged(kind, text, ours, plan, filter_backend):
     """The new content of a boot file (None: no file) from its ``text`` now."""
-    if kind == WHOLE:
+    if kind in WHOLE_KINDS:
         return ours
     if kind == BLOCK:
         return bootfiles.merge_block(text, plan.owner.role, ours)
@@ -185,12 +213,19 @@ def merged(kind, text, ours, plan, filter_backend):
     raise ValueError(f"unknown boot file kind {kind!r}")
 
 
-def read_text(path):
+def read_text(path, kind=WHOLE):
+    """A boot file's text now (a symlink's: where it points); None when absent."""
     try:
+        if kind == units.LINK:
+            return os.readlink(path)
         with open(path) as handle:
             return handle.read()
     except FileNotFoundError:
         return None
+    except OSError:
+        if kind == units.LINK and os.path.lexists(path):
+            return ""  # not a symlink: replaced by one
+        raise
 
 
 def _enabled(systemd_dir, unit):
@@ -284,17 +319,41 @@ def _ip6tables_problems(target, files, key):
     return []
 
 
-def write_files(contents):
-    """Write each ``{path: text}`` atomically; None removes the file."""
+def write_files(contents, kinds=None):
+    """
+    Write each ``{path: text}`` atomically; None removes the file. ``kinds``
+    (``{path: kind}``) names the symlinks (``units.LINK``: the text is where
+    the link points) and the watcher script (mode 0755, as the restore script).
+    """
+    kinds = kinds or {}
     for path, text in sorted(contents.items()):
+        kind = kinds.get(path, WHOLE)
         if text is None:
-            if os.path.exists(path):
+            if os.path.lexists(path):
                 os.unlink(path)
+        elif kind == units.LINK:
+            _link(path, text)
         else:
-            mode = 0o755 if path.endswith(".restore") else 0o644
+            executable = path.endswith(".restore") or kind == units.SCRIPT
+            mode = 0o755 if executable else 0o644
             if os.path.exists(path):
                 mode = os.stat(path).st_mode & 0o7777
             _write(path, text, mode)
+
+
+def _link(path, target):
+    """``path`` a symlink to ``target``, atomically (as ``systemctl enable`` makes one)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".relayroute-{os.getpid()}-{os.path.basename(path)}")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def save_memory(directory, role, memory):

@@ -6,7 +6,6 @@
 # removing them would stop the mail service, which is the operator's call.
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
-{%- from tplroot ~ "/persist_clean.jinja" import boot_unit_clean, watch_unit_clean with context %}
 {%- set persist = relayroute.config.persist %}
 {%- set saved_path = relayroute.config.proxy.sysctl_saved %}
 {%- set saved = {} %}
@@ -18,8 +17,7 @@ relayroute-proxy-tproxy-divert-clean:
   relayroute.proxy_absent:
     - backend: {{ relayroute.config.backend }}
     - persist: {{ persist | json }}
-{{ boot_unit_clean('proxy', persist) }}
-{{ watch_unit_clean('proxy', persist) }}
+    - watcher: {{ relayroute.config.watch | json }}
 
 {%- for key, value in (saved or {}) | dictsort %}
 

@@ -4,7 +4,6 @@
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
 {%- from tplroot ~ "/invalid.jinja" import invalid with context %}
-{%- from tplroot ~ "/persist.jinja" import boot_unit, watch_unit with context %}
 {%- set proxy = relayroute.proxy %}
 {%- set persist = relayroute.config.persist %}
 {%- set haproxy = relayroute.config.proxy.haproxy %}
@@ -28,8 +27,7 @@ relayroute-proxy-tproxy-divert:
     - prefix: relayroute:proxy
 {%-   if persist.enabled %}
     - persist: {{ persist | json }}
-{{ boot_unit('proxy', persist, 'relayroute-proxy-tproxy-divert') }}
-{{ watch_unit('proxy', persist, relayroute.config.watch, 'relayroute-proxy-tproxy-divert') }}
+    - watcher: {{ relayroute.config.watch | json }}
 {%-   endif %}
 
 {%-   set saved = {} %}

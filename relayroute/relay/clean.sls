@@ -1,15 +1,14 @@
 # -*- coding: utf-8 -*-
 # vim: ft=sls
 # Removes exactly what relayroute added on a relay: its chains, rules, routes,
-# kernel parameters (earlier values put back), restore script, boot unit and watcher.
+# kernel parameters (earlier values put back), restore script, boot unit and watcher
+# (the watcher stopped first).
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
-{%- from tplroot ~ "/persist_clean.jinja" import boot_unit_clean, watch_unit_clean with context %}
 {%- set persist = relayroute.config.persist %}
 
 relayroute-relay-policy-routing-clean:
   relayroute.relay_absent:
     - backend: {{ relayroute.config.backend }}
     - persist: {{ persist | json }}
-{{ boot_unit_clean('relay', persist) }}
-{{ watch_unit_clean('relay', persist) }}
+    - watcher: {{ relayroute.config.watch | json }}

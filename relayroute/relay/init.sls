@@ -4,9 +4,11 @@
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import relayroute with context %}
 {%- set persist = relayroute.config.persist %}
-{#- Each import only where it is used: Jinja compiles an imported file on
-    every run, and a re-apply needs neither the invalid-pillar macro nor,
-    without persistence, the boot macros. #}
+{#- An import only where it is used: Jinja compiles an imported file on
+    every run, and a re-apply needs no invalid-pillar macro. The boot unit,
+    the watcher and their units are the relayroute state's boot files (with
+    mechanism 'unit'; removed with another one, or the watcher switched off),
+    written only once the apply succeeded. #}
 
 {%- if relayroute.errors %}
 {%-   from tplroot ~ "/invalid.jinja" import invalid with context %}
@@ -29,9 +31,7 @@ relayroute-relay-policy-routing:
     - backend: {{ relayroute.config.backend }}
     - prefix: relayroute
 {%-   if persist.enabled %}
-{%-     from tplroot ~ "/persist.jinja" import boot_unit, watch_unit with context %}
     - persist: {{ persist | json }}
-{{ boot_unit('relay', persist, 'relayroute-relay-policy-routing') }}
-{{ watch_unit('relay', persist, relayroute.config.watch, 'relayroute-relay-policy-routing') }}
+    - watcher: {{ relayroute.config.watch | json }}
 {%-   endif %}
 {%- endif %}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from relayroute_core import units
 from tests.functional.test_nftables_backend import (
     CLIENT,
     OTHER_TOOL,
@@ -41,7 +42,6 @@ from tests.support.tcp import HeldSession, Ticker, connect
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-UNITS = Path(__file__).resolve().parents[2] / "relayroute" / "files"
 STEP_PAUSE = 0.8  # each packet-filter transaction is held this long
 
 
@@ -282,9 +282,8 @@ def test_a_no_op_after_a_switch_costs_what_it_cost_before(loaders, relay_ns, tmp
 # --- the restore under the watcher unit's privileges and sandbox -----------------
 
 
-def unit_setting(name, key):
-    """The values of ``key=`` in a unit template of relayroute/files."""
-    text = (UNITS / name).read_text()
+def unit_setting(text, key):
+    """The values of ``key=`` in a unit's text (relayroute_core/units.py)."""
     return [
         line.split("=", 1)[1].split() for line in text.splitlines() if line.startswith(f"{key}=")
     ]
@@ -338,8 +337,9 @@ def test_the_nftables_restore_runs_under_the_watcher_units_sandbox(loaders, rela
     )
     assert our_table(relay_ns) == table
 
-    (allowed_families,) = unit_setting("relayroute-watch.service.jinja", "RestrictAddressFamilies")
-    (filters,) = unit_setting("relayroute-watch.service.jinja", "SystemCallFilter")
+    unit = units.watch_unit("relay", "/r", "/w", "/bin/bash", 0.2, "multi-user.target")
+    (allowed_families,) = unit_setting(unit, "RestrictAddressFamilies")
+    (filters,) = unit_setting(unit, "SystemCallFilter")
     assert filters == ["@system-service"]
     allowed = expanded("@system-service", syscall_groups())
     calls, families = set(), set()

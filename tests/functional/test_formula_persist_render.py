@@ -1,8 +1,9 @@
 """
-The boot unit's and the watcher's states as the formula renders them
-(state.show_sls, nothing applied): persist.jinja on a re-apply, and the
-removals from persist_clean.jinja, which a role imports only where a unit goes
-(another mechanism, the watcher switched off, clean.sls).
+The role's persistence as the formula renders it (state.show_sls, nothing
+applied): the relayroute state alone, with the ``persist`` and ``watcher``
+settings it keeps the restore script, the boot unit and the watcher with
+(engine-written boot files, tests/unit/test_units.py); no file state, no
+unit state, in a role or in its clean.
 """
 
 import pytest
@@ -10,19 +11,6 @@ import pytest
 from tests.functional.test_pillar_example import example, rendered
 
 pytestmark = pytest.mark.root
-
-UNIT_IDS = {
-    "relayroute-{role}-boot-unit",
-    "relayroute-{role}-boot-unit-enabled",
-    "relayroute-{role}-watch-script",
-    "relayroute-{role}-watch-unit",
-    "relayroute-{role}-watch-unit-enabled",
-}
-CLEAN_IDS = {"relayroute-{role}-boot-unit-clean", "relayroute-{role}-watch-clean"}
-
-
-def ids(template, role="relay"):
-    return {name.format(role=role) for name in template}
 
 
 def args(states, state_id, function):
@@ -40,45 +28,48 @@ def with_settings(persist=None, watch=None, as_proxy=None):
     return data
 
 
-def test_the_relay_installs_its_units_and_no_removal(loaders):
+def test_the_relay_is_its_relayroute_state_with_the_boot_and_watcher_settings(loaders):
     states = rendered(loaders, "relayroute.relay", with_settings())
-    assert ids(UNIT_IDS) <= set(states)
-    assert not ids(CLEAN_IDS) & set(states)
-    for state_id in ("relayroute-relay-boot-unit-enabled", "relayroute-relay-watch-unit-enabled"):
-        link = args(states, state_id, "file.symlink")
-        # The owner named: Salt looks no user up for it on every run.
-        assert (link["user"], link["group"]) == ("root", "root")
-        assert link["name"].startswith("/etc/systemd/system/multi-user.target.wants/")
-    unit = args(states, "relayroute-relay-boot-unit", "file.managed")
-    assert unit["require"] == [{"relayroute": "relayroute-relay-policy-routing"}]
-    assert unit["context"]["script"] == "/etc/relayroute/relay.restore"
+    assert set(states) == {"relayroute-relay-policy-routing", "relayroute-relay-not-in-pillar"}
+    present = args(states, "relayroute-relay-policy-routing", "relayroute.relay_present")
+    assert present["persist"]["mechanism"] == "unit"
+    assert present["persist"]["systemd_dir"] == "/etc/systemd/system"
+    assert present["persist"]["wanted_by"] == "multi-user.target"
+    assert present["watcher"] == {"enabled": True, "debounce": 0.2, "shell": "/bin/bash"}
 
 
-def test_network_scripts_removes_both_units_after_the_apply(loaders):
+def test_the_watcher_switched_off_reaches_the_state(loaders):
+    states = rendered(loaders, "relayroute.relay", with_settings(watch={"enabled": False}))
+    present = args(states, "relayroute-relay-policy-routing", "relayroute.relay_present")
+    assert present["watcher"]["enabled"] is False
+
+
+def test_network_scripts_is_the_same_state_with_another_mechanism(loaders):
     data = with_settings(persist={"mechanism": "network-scripts"})
     data["relayroute"]["backend"] = "iptables"  # the mechanism keeps iptables' saved file
     states = rendered(loaders, "relayroute.relay", data)
-    assert ids(CLEAN_IDS) <= set(states)
-    assert not ids(UNIT_IDS) & set(states)
-    for state_id in ids(CLEAN_IDS):
-        removal = args(states, state_id, "file.absent")
-        assert removal["require"] == [{"relayroute": "relayroute-relay-policy-routing"}]
-    watch = args(states, "relayroute-relay-watch-clean", "file.absent")
-    assert "/etc/relayroute/relay.watch" in watch["names"]
+    assert set(states) == {"relayroute-relay-policy-routing", "relayroute-relay-not-in-pillar"}
+    present = args(states, "relayroute-relay-policy-routing", "relayroute.relay_present")
+    assert present["persist"]["mechanism"] == "network-scripts"
+    assert "watcher" in present  # the units go: the state keeps them
 
 
-def test_the_watcher_switched_off_goes_and_the_boot_unit_stays(loaders):
-    states = rendered(loaders, "relayroute.relay", with_settings(watch={"enabled": False}))
-    assert {"relayroute-relay-boot-unit", "relayroute-relay-watch-clean"} <= set(states)
-    assert "relayroute-relay-watch-unit" not in states
-    assert "relayroute-relay-boot-unit-clean" not in states
-
-
-def test_clean_removes_the_units_of_each_role(loaders):
+def test_clean_passes_the_watcher_settings_to_each_roles_removal(loaders):
     relay = rendered(loaders, "relayroute.relay.clean", with_settings())
-    assert ids(CLEAN_IDS) <= set(relay)
+    assert set(relay) == {"relayroute-relay-policy-routing-clean"}
+    absent = args(relay, "relayroute-relay-policy-routing-clean", "relayroute.relay_absent")
+    assert absent["watcher"]["enabled"] is True
     proxy = rendered(loaders, "relayroute.proxy.clean", with_settings(as_proxy="master-relay"))
-    assert ids(CLEAN_IDS, "proxy") <= set(proxy)
+    absent = args(proxy, "relayroute-proxy-tproxy-divert-clean", "relayroute.proxy_absent")
+    assert absent["watcher"]["enabled"] is True
+    assert not [name for name in proxy if "unit" in name or "watch" in name]
+
+
+def test_the_proxy_passes_the_watcher_settings(loaders):
+    states = rendered(loaders, "relayroute.proxy", with_settings(as_proxy="master-relay"))
+    present = args(states, "relayroute-proxy-tproxy-divert", "relayroute.proxy_present")
+    assert present["watcher"]["enabled"] is True
+    assert not [name for name in states if "unit" in name or "watch" in name]
 
 
 def test_a_bad_pillar_renders_only_the_failure(loaders):

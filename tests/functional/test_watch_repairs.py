@@ -1,7 +1,7 @@
 """
 Between applies, on the real kernel: the restore script takes relayroute's
 host lock (never halfway through an apply), and the watcher
-(relayroute/files/relayroute-watch) puts the relay's rules and routes back,
+(relayroute_core/watcher.py, written as <dir>/<role>.watch) puts the relay's rules and routes back,
 by running that script, when a link bounce or a deletion removed them.
 """
 
@@ -9,17 +9,16 @@ import fcntl
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
+from relayroute_core import watcher as watcher_script
 from tests.functional.test_relay import ARGS
 from tests.support.hosts import lose_runtime_state
 from tests.support.netns import run
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-WATCHER = Path(__file__).resolve().parents[2] / "relayroute" / "files" / "relayroute-watch"
 # The repair must be in place within 2 s of the event; the polls wait wider.
 REPAIR_BOUND = 2.0
 
@@ -104,9 +103,16 @@ def test_restore_leaves_a_rule_in_place_alone(loaders, relay_ns, tmp_path):
 UNIT_PRIVILEGES = ["setpriv", "--bounding-set", "-all,+net_admin,+net_raw", "--no-new-privs"]
 
 
+def watcher_file(directory):
+    """The watcher script, as an apply writes it (``<dir>/<role>.watch``)."""
+    path = directory / "relay.watch"
+    path.write_text(watcher_script.SCRIPT)
+    return path
+
+
 def start_watcher(relay_ns, script, log):
     proc = relay_ns.popen(
-        [*UNIT_PRIVILEGES, "/bin/bash", str(WATCHER), "-d", "0.2", str(script)],
+        [*UNIT_PRIVILEGES, "/bin/bash", str(watcher_file(log.parent)), "-d", "0.2", str(script)],
         stderr=log.open("w"),
     )
     assert wait_for(lambda: "watching" in log.read_text(), 10) is not None, log.read_text()
@@ -207,14 +213,15 @@ def test_formula_installs_the_watcher_with_the_relay_role_and_clean_removes_it(
     with relay_ns.entered():
         first = apply_sls(loaders, "relayroute.relay", data)
         assert all(state["result"] is True for state in first.values()), first
-        assert first["relayroute-relay-watch-unit"]["changes"]
+        written = first["relayroute-relay-policy-routing"]["changes"]["persist"]
+        assert written[str(unit)] == "created", written
         text = unit.read_text()
         command = f"/bin/bash {persist}/relay.watch -d 0.2 {persist}/relay.restore"
         assert f"ExecStart={command}\n" in text
         assert "After=relayroute-relay.service network-online.target" in text
         assert (systemd / "multi-user.target.wants" / unit.name).resolve() == unit
         watcher = persist / "relay.watch"
-        assert watcher.read_bytes() == WATCHER.read_bytes()
+        assert watcher.read_text() == watcher_script.SCRIPT
         assert watcher.stat().st_mode & 0o777 == 0o755
         second = apply_sls(loaders, "relayroute.relay", data)
         assert all(state["changes"] == {} for state in second.values()), second

@@ -1,4 +1,12 @@
-#!/bin/bash
+"""
+The watcher script (``<persist:dir>/<role>.watch``, bash), which
+``relayroute-<role>-watch.service`` runs (see :mod:`units`, README "Between
+applies"): it blocks on rtnetlink and runs the role's restore script when the
+kernel loses part of it. Kept as text here, because ``saltutil.sync_modules``
+carries only Python files; the engine writes it as a boot file.
+"""
+
+SCRIPT = r"""#!/bin/bash
 # Managed by Salt (relayroute): keeps a role's policy routing in place between
 # applies, without Salt. See README, "Between applies".
 #
@@ -258,3 +266,4 @@ while true; do
         restore "$why"
     fi
 done
+"""
