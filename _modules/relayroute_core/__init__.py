@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import importlib
 import logging
+import os
 import platform
 import sys
 import types
@@ -60,6 +61,8 @@ from . import persist as persistence  # noqa: E402
 # The sub-module ``check`` by its full name: the package's attribute ``check``
 # is the Salt function below (on a reload, ``from . import check`` gives that).
 checking = importlib.import_module(f"{__name__}.check")
+# And ``status`` likewise (the Salt function ``status`` below).
+status_view = importlib.import_module(f"{__name__}.status")
 
 log = logging.getLogger(__name__)
 
@@ -759,6 +762,54 @@ def check(
     if retcode and not result["ok"]:
         __context__["retcode"] = 2  # noqa: F821 - injected by Salt's loader
     return result["summary"] if summary_only else result
+
+
+def status():
+    """
+    This relay's status, one row per proxy of the pillar's topology (and a
+    last ``(direct)`` row): the proxy's rule and table route in each family
+    (ok or MISSING), the MACs relayroute marks with its mark, the packets
+    those marking rules marked, the connections carrying its mark now, when
+    relayroute last applied (its memory file), and the drift check's verdict
+    (:func:`check_topology`). Reads only; one row list per relay, so the
+    ``table`` outputter prints the fleet relay by relay, and ``salt-run
+    relayroute.status`` as one table.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt -G roles:relay relayroute.status --out=table
+    """
+    config = __pillar__.get("relayroute")  # noqa: F821 - injected by Salt's loader
+    result = validate_topology(config, __grains__.get("id"))  # noqa: F821
+    if result["errors"]:
+        raise CommandExecutionError(
+            "relayroute: the pillar does not validate: " + "; ".join(result["errors"])
+        )
+    args = result["relay"]
+    prefix = "relayroute"
+    spec = _relay_spec(args["lan_networks"], args["mark_mask"], args["proxies"], prefix)
+    filter_backend = _backend(_pillar_backend("relay"))
+    kernel = _kernel()
+    spec, interfaces = _resolve_proxies(spec, kernel, prefix, resolve=False)
+    plan_ = planner.relay_plan(spec, mark_aware_interfaces=interfaces)
+    persist = config.get("persist") if isinstance(config.get("persist"), dict) else {}
+    directory = persist.get("dir", persistence.DEFAULT_DIR)
+    try:
+        memory = persistence.load(directory, "relay")
+        current = engine.read(filter_backend, kernel, [s.key for s in plan_.sysctls], memory)
+        verdict, _answers = checking.evaluate(plan_, current, filter_backend, prefix)
+        marked = filter_backend.marked_macs(current.ruleset, planner.RELAY.chain_prefix)
+        packets = filter_backend.marked_packets(planner.RELAY.chain_prefix)
+        flows_ = status_view.flows_by_mark(netlink.flows(spec.mark_mask))
+    except (RuntimeError, OSError) as err:
+        raise _fail(err) from err
+    try:
+        last_apply = os.path.getmtime(persistence.paths(directory, "relay")[1])
+    except OSError:
+        last_apply = None
+    return status_view.rows(plan_, spec, kernel, marked, packets, flows_, verdict, last_apply)
 
 
 def check_topology(textfile=None, retcode=True, summary_only=False):

@@ -130,6 +130,22 @@ def run(plan, filter_backend, kernel=None, prefix="", textfile=None):
     Changes nothing in the kernel.
     """
     current = engine.read(filter_backend, kernel, sysctl_keys=[s.key for s in plan.sysctls])
+    result, answers = evaluate(plan, current, filter_backend, prefix)
+    if textfile:
+        mask = plan.rules[0].fwmask if plan.rules else 0xFFFFFFFF
+        by_mark = {}
+        for flow in netlink.flows(mask):
+            by_mark[flow.mark] = by_mark.get(flow.mark, 0) + 1
+        write_textfile(textfile, metrics(result, lookup_ok(answers, prefix), by_mark))
+    return result
+
+
+def evaluate(plan, current, filter_backend, prefix=""):
+    """
+    :func:`verdict` for ``plan`` against ``current`` (an :class:`engine.Current`
+    already read), after the kernel's own lookups and each proxy's neighbour
+    entries: ``(result, answers)``.
+    """
     current.kernel = engine.adopt_rules(current.kernel, plan, current.memory)
     answers = netlink.route_lookups(plan.lookups)
     marked = {}
@@ -148,11 +164,4 @@ def run(plan, filter_backend, kernel=None, prefix="", textfile=None):
                     marked.get(lookup.mark, []),
                 )
             )
-    result = verdict(plan, current, filter_backend, answers, neighbours, prefix)
-    if textfile:
-        mask = plan.rules[0].fwmask if plan.rules else 0xFFFFFFFF
-        by_mark = {}
-        for flow in netlink.flows(mask):
-            by_mark[flow.mark] = by_mark.get(flow.mark, 0) + 1
-        write_textfile(textfile, metrics(result, lookup_ok(answers, prefix), by_mark))
-    return result
+    return verdict(plan, current, filter_backend, answers, neighbours, prefix), answers
