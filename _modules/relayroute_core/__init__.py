@@ -854,3 +854,210 @@ def check_topology(textfile=None, retcode=True, summary_only=False):
         summary_only=summary_only,
         **result["relay"],
     )
+
+
+def _probe():
+    """The probe's sub-module by its full name (the package has Salt functions named probe_*)."""
+    return importlib.import_module(f"{__name__}.probe")
+
+
+def probe_smtp(sessions, timeout=10, message=None, source=None, towards=None):
+    """
+    The probe minion's part of ``salt-run relayroute.probe``: open SMTP
+    sessions and say where each came from. Each of ``sessions``
+    (``{id, address, port, group}``) connects, reads the banner, says EHLO
+    (and sends ``message`` when given), then QUIT; sessions of one ``group``
+    are opened one after another and held open until all have their banner
+    (so HAProxy's leastconn gives each relay one), groups run side by side.
+    Every operation is bounded by ``timeout`` seconds.
+
+    Returns ``{"sessions": [{id, address, port, local, local_port, banner_ok,
+    banner, ehlo_ok, sent, error}, ...], "sources": {address: local address}}``,
+    ``sources`` being the address this host sends to each of ``towards`` from
+    (by its routing; nothing is sent).
+
+    message
+        ``{from: ..., to: ...}``: a whole message to this sink in each session.
+    source
+        The address(es) to send from, one per family.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt probe1 relayroute.probe_smtp '[{id: s1, address: 192.0.2.11, port: 25}]'
+        salt probe1 relayroute.probe_smtp '[]' towards='[198.51.100.25]'
+    """
+    probing = _probe()
+    errors = model._Errors()
+    source = model.to_addresses(source, errors, "source") if source else ()
+    if not isinstance(sessions, list) or not all(
+        isinstance(s, dict) and {"id", "address", "port"} <= set(s) for s in sessions
+    ):
+        errors.add("sessions", sessions, "must be a list of {id, address, port[, group]}")
+    else:
+        for index, session in enumerate(sessions):
+            model.to_address(session["address"], errors, f"sessions:{index}:address")
+            model.to_int(session["port"], errors, f"sessions:{index}:port", 1, 65535, "a port")
+    for index, address in enumerate(towards or []):
+        model.to_address(address, errors, f"towards:{index}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        errors.add("timeout", timeout, "must be a positive number of seconds")
+    if message is not None and not (isinstance(message, dict) and {"from", "to"} <= set(message)):
+        errors.add("message", message, "must be a mapping with 'from' and 'to'")
+    if errors.items:
+        raise SaltInvocationError("; ".join(errors.items))
+    sessions = [{**s, "port": int(s["port"])} for s in sessions]
+    return {
+        "sessions": probing.run_sessions(sessions, timeout, message, source),
+        "sources": probing.sources_towards(towards or [], source),
+    }
+
+
+def probe_flows(sources, ports, mark_mask=0xFFFFFFFF):
+    """
+    A relay's part of ``salt-run relayroute.probe``: the conntrack entries
+    of TCP connections from the probe's ``sources`` (addresses) to ``ports``,
+    each ``{src, sport, dst, dport, mark, state}`` with the connmark under
+    ``mark_mask``: 0 for a connection that came directly, the proxy's mark for
+    one HAProxy opened.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt relay1 relayroute.probe_flows '[203.0.113.10]' '[25, 587]' mark_mask=0xff
+    """
+    errors = model._Errors()
+    mask = model.to_mask(mark_mask, errors, "mark_mask")
+    if not isinstance(sources, list):
+        errors.add("sources", sources, "must be a list of addresses")
+        sources = []
+    for index, address in enumerate(sources):
+        model.to_address(address, errors, f"sources:{index}")
+    if not isinstance(ports, list) or not ports:
+        errors.add("ports", ports, "must be a non-empty list of ports")
+        ports = []
+    ports = [model.to_int(p, errors, f"ports:{i}", 1, 65535, "a port") for i, p in enumerate(ports)]
+    if errors.items:
+        raise SaltInvocationError("; ".join(errors.items))
+    try:
+        return _probe().select_flows(netlink.flows(mask), sources, ports)
+    except RuntimeError as err:
+        raise _fail(err) from err
+
+
+def _privileges():
+    """The sub-module judging HAProxy's processes (pure), by its full name."""
+    return importlib.import_module(f"{__name__}.privileges")
+
+
+def _read_status(pid):
+    """``/proc/PID/status`` decoded (privileges.parse_status), None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as fh:
+            return _privileges().parse_status(fh.read())
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _children(pid):
+    """The statuses of ``pid``'s live children, from one pass over /proc (no process spawned)."""
+    import os
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            status = _read_status(entry)
+            if status is not None:
+                found.append(status)
+    return sorted(found, key=lambda status: status["pid"])
+
+
+def haproxy_privileges(pidfile=None, pid=None, user=None):
+    """
+    Whether the running HAProxy holds what transparent proxying needs:
+    CAP_NET_BIND_SERVICE, and CAP_NET_ADMIN or CAP_NET_RAW (IP_TRANSPARENT),
+    in the effective set of its master and of every worker, and, with
+    ``user``, runs as that user. Reads ``/proc/PID/status`` only: no process
+    is spawned.
+
+    pidfile
+        The master's pid file, e.g. ``/run/haproxy/haproxy.pid`` (the unit's
+        ``PIDFILE``, which relayroute's drop-in sets).
+    pid
+        The master's pid instead.
+    user
+        The user HAProxy must run as (``relayroute:proxy:haproxy:user``).
+
+    Returns ``{"running": bool, "master": {...} or None, "workers": [...],
+    "problems": [...], "comment": "..."}``, each process with ``pid``,
+    ``uid``, ``CapEff``, ``CapPrm``, ``CapAmb`` and ``CapBnd`` (names).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt master-relay relayroute.haproxy_privileges pidfile=/run/haproxy/haproxy.pid
+        salt master-relay relayroute.haproxy_privileges pid=1234 user=haproxy
+    """
+    if (pidfile is None) == (pid is None):
+        raise SaltInvocationError("haproxy_privileges: give exactly one of pidfile and pid")
+    where = f"pid {pid}"
+    if pidfile is not None:
+        where = f"pid file {pidfile}"
+        try:
+            with open(pidfile, encoding="utf-8") as fh:
+                text = fh.read().strip()
+        except FileNotFoundError:
+            return {
+                "running": False,
+                "master": None,
+                "workers": [],
+                "problems": [],
+                "comment": f"HAProxy is not running: no {where}",
+            }
+        except OSError as err:
+            raise CommandExecutionError(f"cannot read HAProxy's {where}: {err}") from err
+        if not text.split() or not text.split()[0].isdigit():
+            raise CommandExecutionError(f"HAProxy's {where} holds no pid (got {text[:40]!r})")
+        pid = int(text.split()[0])
+    master = _read_status(int(pid))
+    if master is None:
+        return {
+            "running": False,
+            "master": None,
+            "workers": [],
+            "problems": [],
+            "comment": f"HAProxy is not running: no process {pid} ({where})",
+        }
+    if master["name"] != "haproxy":
+        raise CommandExecutionError(
+            f"{where} names process {pid}, which is {master['name']!r}, not haproxy"
+        )
+    uid = None
+    if user is not None:
+        import pwd
+
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+        except KeyError as err:
+            raise CommandExecutionError(f"HAProxy's user {user!r} does not exist") from err
+    workers = _children(master["pid"])
+    judge = _privileges()
+    found = judge.problems(master, workers, uid=uid, user=user)
+    processes = "; ".join(judge.summary(status) for status in [master, *workers])
+    return {
+        "running": True,
+        "master": master,
+        "workers": workers,
+        "problems": found,
+        "comment": f"HAProxy ({where}): {processes}",
+    }
