@@ -277,8 +277,15 @@ def validate_topology(config, minion_id=None, records=None):
         salt relay1 relayroute.validate_topology \\
             "$(salt-call --out=json pillar.get relayroute)" minion_id=relay1
     """
-    notes = []
+    notes, unset = [], []
     if mine.wanted(config):
+        # Where mine.update finds them: the minion's configuration and its pillar.
+        functions = {
+            **(__opts__.get("mine_functions") or {}),  # noqa: F821 - Salt's loader
+            **(__pillar__.get("mine_functions") or {}),  # noqa: F821
+        }
+        if mine.ALIAS not in functions:
+            unset.append(mine.unpublished())
         if records is None:
             records = __salt__["mine.get"]("*", mine.ALIAS)  # noqa: F821 - Salt's loader
         records = dict(records or {})
@@ -287,8 +294,12 @@ def validate_topology(config, minion_id=None, records=None):
             records[str(minion_id)] = mine_record()
         config, notes = mine.merge(config, records)
         for note in notes:
-            (log.warning if note.endswith("ignored") else log.info)("relayroute: %s", note)
-    return {**topology.topology(config, minion_id), "mine": notes}
+            (log.info if mine.taken(note) else log.warning)("relayroute: %s", note)
+    result = topology.topology(config, minion_id)
+    if unset:
+        result = {**result, "errors": [*unset, *result["errors"]], "relay": None, "proxy": None}
+    warnings = [note for note in notes if not mine.taken(note)]
+    return {**result, "mine": notes, "mine_warnings": warnings, "mine_used": mine.wanted(config)}
 
 
 def _as_list(value):

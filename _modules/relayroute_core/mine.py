@@ -80,6 +80,21 @@ def record(addresses, roles, now=None):
     }
 
 
+def taken(note):
+    """Whether a note of :func:`merge` says what was taken from the mine (not a warning)."""
+    return note.endswith(("from the mine", "added from the mine"))
+
+
+def unpublished():
+    """The error for a topology that reads the mine while no minion publishes to it."""
+    return (
+        f"mine_functions:{ALIAS}: is not set, but relayroute:mine:enabled or "
+        "relayroute:relays_from_mine reads the mine: without it no minion refreshes its "
+        "record, and every record goes stale (set mine_functions: {relayroute: "
+        "{mine_function: relayroute.mine_record}} in the pillar) (got None)"
+    )
+
+
 def settings(config):
     """``(enabled, max_age)`` from ``config["mine"]`` (validated by the topology)."""
     values = config.get("mine") if isinstance(config, dict) else None

@@ -29,6 +29,23 @@ relayroute-proxy-tproxy-divert:
     - persist: {{ persist | json }}
     - watcher: {{ relayroute.config.watch | json }}
 {%-   endif %}
+{%-   if relayroute.get('mine_used') %}
+
+# This minion's record in the Salt mine (README, "The fleet from the mine"),
+# refreshed when relayroute changed something here: a new proxy is published by
+# its first highstate. Nothing runs on a re-apply that changes nothing.
+relayroute-proxy-mine-update:
+  module.run:
+    - mine.update: []
+    - onchanges:
+      - relayroute: relayroute-proxy-tproxy-divert
+{%-   endif %}
+{%-   for warning in relayroute.get('mine_warnings', []) %}
+
+relayroute-proxy-mine-warning-{{ loop.index }}:
+  test.show_notification:
+    - text: {{ ('WARNING: ' ~ warning) | yaml_dquote }}
+{%-   endfor %}
 
 {%-   set saved = {} %}
 {%-   for key in proxy.sysctls %}

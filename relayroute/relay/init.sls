@@ -34,4 +34,21 @@ relayroute-relay-policy-routing:
     - persist: {{ persist | json }}
     - watcher: {{ relayroute.config.watch | json }}
 {%-   endif %}
+{%-   if relayroute.get('mine_used') %}
+
+# This minion's record in the Salt mine (README, "The fleet from the mine"),
+# refreshed when relayroute changed something here: a new relay is published by
+# its first highstate. Nothing runs on a re-apply that changes nothing.
+relayroute-relay-mine-update:
+  module.run:
+    - mine.update: []
+    - onchanges:
+      - relayroute: relayroute-relay-policy-routing
+{%-   endif %}
+{%-   for warning in relayroute.get('mine_warnings', []) %}
+
+relayroute-relay-mine-warning-{{ loop.index }}:
+  test.show_notification:
+    - text: {{ ('WARNING: ' ~ warning) | yaml_dquote }}
+{%-   endfor %}
 {%- endif %}

@@ -29,7 +29,11 @@ def test_a_record_holds_the_hosts_lan_addresses_with_interface_and_mac(loaders, 
     assert set(by_address) == {"192.0.2.11", "2001:db8:2::11"}
 
 
-def test_the_topology_takes_macs_and_relays_from_records(loaders, relay_ns):
+MINE_FUNCTIONS = {"mine_functions": {"relayroute": {"mine_function": "relayroute.mine_record"}}}
+
+
+def test_the_topology_takes_macs_and_relays_from_records(loaders, relay_ns, monkeypatch):
+    monkeypatch.setitem(loaders.modules.pack, "__pillar__", MINE_FUNCTIONS)
     with relay_ns.entered():
         record = loaders.modules.relayroute.mine_record()
     proxy_record = {**record, "roles": ["proxy"]}
@@ -59,3 +63,10 @@ def test_the_topology_takes_macs_and_relays_from_records(loaders, relay_ns):
         {"name": "relay7", "address": "192.0.2.11", "ports": [25, 587]}
     ]
     assert any("relays:relay7" in note for note in result["mine"])
+
+
+def test_reading_the_mine_while_nothing_publishes_is_an_error(loaders):
+    config = {"lan_networks": ["192.0.2.0/24"], "relays_from_mine": True}
+    result = loaders.modules.relayroute.validate_topology(config, "relay1", records={})
+    assert result["errors"][0].startswith("mine_functions:relayroute: is not set, but ")
+    assert result["relay"] is None
