@@ -153,6 +153,7 @@ def probe(
     message=None,
     pillar_tgt="roles:relay",
     pillar_tgt_type="grain",
+    details=False,
 ):
     """
     Probe every mail path end to end: from the probe minion, an SMTP session
@@ -161,8 +162,12 @@ def probe(
     entries of those sessions. A path passes when its sessions got their
     banner and the relay's entries carry the right connmark (under
     ``mark_mask``) past the handshake: 0 directly, the proxy's mark through its
-    VIP. Prints a table, one row per relay and path, and returns
-    ``{"ok", "retcode", "summary", "table", "rows", "sessions"}``.
+    VIP. Returns ``{"ok", "retcode", "summary", "table"}``, the table one
+    line per relay and path, each failure with its reasons. With
+    ``details=True`` also ``rows`` (each path as data: relay, path, to,
+    banners, marks, expected, ok, problems), ``sessions`` (each session as
+    the probe minion saw it), ``probe_minion`` and ``pillar_from``: for
+    tools, ``--out=json details=True``.
 
     Exit code (``retcode``): 0 every path passed, 1 a path failed, 2 the probe
     could not run (the pillar does not validate, the probe minion did not
@@ -194,6 +199,9 @@ def probe(
     message
         ``{from: ..., to: ...}``: send a whole message to this sink.
 
+    And of the runner only: ``pillar_tgt``/``pillar_tgt_type`` (whose pillar
+    holds the topology), ``details`` (every row and session, above).
+
     The probe minion must reach the relays without source NAT (the relays
     find its sessions by its address) and run relayroute's execution module.
 
@@ -203,7 +211,7 @@ def probe(
 
         salt-run relayroute.probe
         salt-run relayroute.probe minion=probe1 ports='[25]' timeout=5
-        salt-run relayroute.probe --out=json    # the rows, for tools
+        salt-run relayroute.probe --out=json details=True    # every row, for tools
     """
     try:
         probing = _probing()
@@ -222,7 +230,11 @@ def probe(
         pillar_from, config = _pillar(pillar_tgt, pillar_tgt_type)
     except LookupError as err:
         return _not_run(str(err))
-    net = probing.network(config)
+    records = None
+    if probing.mine.wanted(config):
+        # The fleet from the mine: what the pillar omits, as the formula fills it in.
+        records = __salt__["mine.get"]("*", probing.mine.ALIAS)  # noqa: F821
+    net = probing.network(config, records)
     if net["errors"]:
         return _not_run(f"the pillar does not validate: {net['errors'][0]}", errors=net["errors"])
     values = config.get("probe") if isinstance(config, dict) else None
@@ -270,16 +282,20 @@ def probe(
     ok = bool(rows) and all(row["ok"] for row in rows)
     retcode = OK if ok else FAILED
     __context__["retcode"] = retcode  # noqa: F821 - injected by Salt's loader
-    return {
+    found = {
         "ok": ok,
         "retcode": retcode,
         "summary": probing.summary(rows) if rows else "relayroute probe FAILED: nothing to probe",
         "table": probing.table(rows).splitlines(),
-        "rows": rows,
-        "sessions": [results[s["id"]] for phase in plan for s in phase["sessions"]],
-        "probe_minion": chosen["minion"],
-        "pillar_from": pillar_from,
     }
+    if details:
+        found.update(
+            rows=rows,
+            sessions=[results[s["id"]] for phase in plan for s in phase["sessions"]],
+            probe_minion=chosen["minion"],
+            pillar_from=pillar_from,
+        )
+    return found
 
 
 def _probe_call(client, minion, sessions, kwarg, wait):

@@ -37,7 +37,7 @@ import smtplib
 import socket
 import threading
 
-from . import model, topology
+from . import mine, model, topology
 
 KEYS = {"minion", "ports", "timeout", "families", "source", "vip_sessions", "message"}
 MESSAGE_KEYS = {"from", "to"}
@@ -171,16 +171,19 @@ def family_of(address):
     return ipaddress.ip_address(address).version
 
 
-def network(config):
+def network(config, records=None):
     """
     What the probe needs of the ``relayroute`` pillar, validated as the
     formula validates it (``probe`` aside): ``{"errors": [...], "mark_mask":
     int, "ports": [...], "relays": {name: {"addresses": [...], "ports":
-    [...]}}, "proxies": {name: {"vips": [...], "mark": int}}}``.
+    [...]}}, "proxies": {name: {"vips": [...], "mark": int}}}``. With
+    ``mine:enabled`` or ``relays_from_mine``, what the pillar omits comes
+    from the mine's ``records`` (``{minion: record}``), as for the formula.
     """
     if not isinstance(config, dict):
         config = {"": config}  # topology names the bad value
     rest = {key: value for key, value in config.items() if key != "probe"}
+    rest, _notes = mine.merge(rest, records or {})
     result = topology.topology(rest)
     if result["errors"]:
         return {"errors": result["errors"]}

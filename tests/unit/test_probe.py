@@ -103,6 +103,18 @@ def test_network_reads_relays_proxies_and_marks_beside_probe_settings():
     }
 
 
+def test_network_takes_relays_from_the_mine():
+    from relayroute_core import mine
+
+    config = {**copy.deepcopy(PILLAR), "mine": {"enabled": True}}
+    del config["relays"]["relay2"]["address"]
+    records = {"relay2": mine.record([("192.0.2.12", 24, "lan0", "02:00:c0:00:02:12")], ["relay"])}
+    assert probe.network(config)["errors"]  # relay2 has no address without the mine
+    net = probe.network(config, records)
+    assert net["errors"] == [], net["errors"]
+    assert net["relays"]["relay2"] == {"addresses": ["192.0.2.12"], "ports": [25, 587]}
+
+
 def test_network_reports_the_topologys_errors():
     net = probe.network({**PILLAR, "mark_mask": 0})
     assert net["errors"]

@@ -122,7 +122,7 @@ def with_probe(**settings):
 
 def test_every_path_right(runner):
     lab = Lab(with_probe())
-    ret = run(runner, lab)
+    ret = run(runner, lab, details=True)
     assert ret["retcode"] == 0, ret["table"]
     assert ret["ok"]
     assert runner.__context__["retcode"] == 0
@@ -140,7 +140,7 @@ def test_every_path_right(runner):
 
 
 def test_a_broken_relay_fails_by_name(runner):
-    ret = run(runner, Lab(with_probe(), broken={"relay2"}))
+    ret = run(runner, Lab(with_probe(), broken={"relay2"}), details=True)
     assert ret["retcode"] == 1
     assert runner.__context__["retcode"] == 1
     failed = sorted({(r["relay"], r["path"], r["to"]) for r in ret["rows"] if not r["ok"]})
@@ -154,9 +154,15 @@ def test_a_broken_relay_fails_by_name(runner):
     )
 
 
+def test_without_details_the_table_and_summary():
+    ret = run(load_runner(), Lab(with_probe(), broken={"relay2"}))
+    assert sorted(ret) == ["ok", "retcode", "summary", "table"]
+    assert [line.split()[0] for line in ret["table"] if "FAIL" in line] == ["relay2", "relay2"]
+
+
 def test_arguments_replace_the_pillars_settings(runner):
     lab = Lab(with_probe(ports=[587]))
-    ret = run(runner, lab, minion="other", ports=[25], families=[4])
+    ret = run(runner, lab, minion="other", ports=[25], families=[4], details=True)
     assert ret["probe_minion"] == "other"
     assert {r["to"].rsplit(":", 1)[1] for r in ret["rows"]} == {"25"}
 
@@ -191,3 +197,23 @@ def test_bad_topology_does_not_run(runner):
     assert ret["summary"].startswith(
         "relayroute probe NOT RUN: the pillar does not validate: relayroute:relays:relay1:address"
     )
+
+
+def test_the_fleet_from_the_mine(runner):
+    from relayroute_core import mine
+
+    pillar = with_probe()
+    pillar["mine"] = {"enabled": True}
+    del pillar["relays"]["relay2"]["address"]
+    record = mine.record([("192.0.2.12", 24, "lan0", "02:00:c0:00:02:12")], ["relay"])
+    asked = []
+
+    def mine_get(tgt, fun):
+        asked.append((tgt, fun))
+        return {"relay2": record}
+
+    runner.__salt__ = {"mine.get": mine_get}
+    ret = run(runner, Lab(pillar), details=True)
+    assert asked == [("*", "relayroute")]
+    assert ret["retcode"] == 0, ret["table"]
+    assert {r["relay"] for r in ret["rows"]} == {"relay1", "relay2"}
