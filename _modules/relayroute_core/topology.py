@@ -68,7 +68,18 @@ HAPROXY_KEYS = {
     "balance",
     "timeouts",
     "check",
+    "privileges",
+    "user",
+    "group",
+    "runtime_directory",
+    "unit_environment",
 }
+# How HAProxy gets CAP_NET_ADMIN and CAP_NET_BIND_SERVICE (README, "HAProxy without root").
+HAPROXY_PRIVILEGES = ("unprivileged", "root")
+# A unit's environment variable; a directory name under /run (RuntimeDirectory=).
+UNIT_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?")
+RUNTIME_DIRECTORY = re.compile(r"[A-Za-z0-9_.@-]+(/[A-Za-z0-9_.@-]+)*")
 HAPROXY_TIMEOUTS = {"connect", "client", "server", "check", "queue"}
 HAPROXY_CHECK = {"inter", "fall", "rise"}
 
@@ -256,6 +267,7 @@ def haproxy(values, errors, path):
         model.to_int(
             values["maxconn"], errors, f"{path}:maxconn", 1, INT32, "a number of connections"
         )
+    _haproxy_privileges(values, errors, path)
     for key, known in (("timeouts", HAPROXY_TIMEOUTS), ("check", HAPROXY_CHECK)):
         settings = values.get(key)
         if settings is None:
@@ -270,6 +282,56 @@ def haproxy(values, errors, path):
                 model.to_int(settings[name], errors, where, 1, INT32, "a number of checks")
             else:
                 _time(settings[name], errors, where)
+
+
+def _haproxy_privileges(values, errors, path):
+    """``privileges`` and what the drop-in of mode ``unprivileged`` is written from."""
+    if "privileges" in values and values["privileges"] not in HAPROXY_PRIVILEGES:
+        errors.add(
+            f"{path}:privileges",
+            values["privileges"],
+            f"must be one of {', '.join(HAPROXY_PRIVILEGES)}",
+        )
+    for key in ("user", "group"):
+        name = _word(values[key], errors, f"{path}:{key}") if key in values else None
+        if name is not None and not USER_NAME.fullmatch(name):
+            errors.add(f"{path}:{key}", name, "must be a user or group name")
+    if "runtime_directory" in values:
+        name = values["runtime_directory"]
+        if _word(name, errors, f"{path}:runtime_directory") is not None and (
+            not RUNTIME_DIRECTORY.fullmatch(name) or ".." in name.split("/")
+        ):
+            errors.add(
+                f"{path}:runtime_directory",
+                name,
+                "must be a directory name relative to /run, such as haproxy",
+            )
+    environment = values.get("unit_environment")
+    if environment is None:
+        environment = {}
+    elif not isinstance(environment, dict):
+        errors.add(
+            f"{path}:unit_environment",
+            environment,
+            "must be a mapping of the unit's environment variables to values",
+        )
+        environment = {}
+    for variable, value in environment.items():
+        where = f"{path}:unit_environment:{variable}"
+        if not isinstance(variable, str) or not UNIT_VARIABLE.fullmatch(variable):
+            errors.add(where, variable, "is not an environment variable's name")
+        elif _line(value, errors, where) is not None and set(value) & set('"\\$%'):
+            # Written as Environment="NAME=VALUE": no quoting, escapes or expansion.
+            errors.add(where, value, "must not contain '\"', '\\', '$' or '%'")
+    if values.get("privileges") == "unprivileged":
+        pidfile = environment.get("PIDFILE")
+        if not isinstance(pidfile, str) or not pidfile.startswith(("/", "{run}/")):
+            errors.add(
+                f"{path}:unit_environment:PIDFILE",
+                pidfile,
+                "must be the pid file's absolute path ('{run}/...' for the runtime "
+                "directory): the privileges check finds HAProxy by it",
+            )
 
 
 def sysctls(values, errors, path):

@@ -85,6 +85,11 @@ relayroute-proxy-haproxy-pkg:
       - file: relayroute-proxy-haproxy-config
 {%-   endif %}
 
+{#-   HAProxy without root (README): relayroute's drop-in for the service's unit. #}
+{%-   set unprivileged = haproxy.privileges == 'unprivileged' %}
+{%-   set dropin = relayroute.config.persist.systemd_dir ~ '/' ~ haproxy.service
+                   ~ '.service.d/relayroute.conf' %}
+
 relayroute-proxy-haproxy-config:
   file.managed:
     - name: {{ haproxy.config }}
@@ -100,7 +105,40 @@ relayroute-proxy-haproxy-config:
         proxy: {{ proxy | json }}
         haproxy: {{ haproxy | json }}
 
+# Who HAProxy runs as is its unit's business: started as its user with the two
+# capabilities it needs (privileges: unprivileged), or as the distribution's
+# unit has it (root: the drop-in goes).
+relayroute-proxy-haproxy-dropin:
+{%-   if unprivileged %}
+  file.managed:
+    - name: {{ dropin }}
+    - source: salt://{{ tplroot }}/proxy/files/haproxy-unprivileged.conf.jinja
+    - template: jinja
+    - mode: '0644'
+    - user: root
+    - group: root
+    - makedirs: true
+    - context:
+        haproxy: {{ haproxy | json }}
+{%-   else %}
+  file.absent:
+    - name: {{ dropin }}
+{%-   endif %}
+    - require:
+      - file: relayroute-proxy-haproxy-config
+
 {%-   if haproxy.manage_service %}
+
+# A new user or capabilities take a restart (a reload keeps the master's
+# credentials); it runs only when the drop-in changed, e.g. once when a host
+# moves from root to unprivileged, and Salt's systemd module reloads systemd's
+# units first.
+relayroute-proxy-haproxy-restart:
+  module.run:
+    - service.restart:
+      - name: {{ haproxy.service }}
+    - onchanges:
+      - file: relayroute-proxy-haproxy-dropin
 
 relayroute-proxy-haproxy-service:
   service.running:
@@ -112,5 +150,23 @@ relayroute-proxy-haproxy-service:
       - file: relayroute-proxy-haproxy-config
     - require:
       - relayroute: relayroute-proxy-tproxy-divert
+      - module: relayroute-proxy-haproxy-restart
+{%-   endif %}
+
+{%-   if unprivileged %}
+
+# After the restart or reload: an HAProxy without CAP_NET_ADMIN and CAP_NET_RAW
+# would accept every connection and drop it. Reads /proc only.
+relayroute-proxy-haproxy-privileges:
+  relayroute.haproxy_privileged:
+    - pidfile: {{ haproxy.unit_environment.PIDFILE
+                  | replace('{run}', '/run/' ~ haproxy.runtime_directory) }}
+    - user: {{ haproxy.user }}
+    - require_running: {{ haproxy.manage_service }}
+    - require:
+      - file: relayroute-proxy-haproxy-dropin
+{%-     if haproxy.manage_service %}
+      - service: relayroute-proxy-haproxy-service
+{%-     endif %}
 {%-   endif %}
 {%- endif %}

@@ -5,12 +5,20 @@ validated by HAProxy itself).
 """
 
 import copy
+import os
+import pwd
+import shutil
+from pathlib import Path
 
 import pytest
+
+from tests.support.haproxy import HAProxyProcess, UnitLaunch, unit_settings
+from tests.support.netns import RUN_PREFIX
 
 pytestmark = pytest.mark.root
 
 MINION = "relayroute-functional"  # the functional minion's id (see conftest)
+DEBIAN_UNIT = Path("/lib/systemd/system/haproxy.service")
 
 EXPECTED_MANGLE = [
     "-A PREROUTING -j RELAYROUTE-PROXY-PRE",
@@ -128,6 +136,14 @@ def test_formula_proxy_component(loaders, proxy_ns, tmp_path):
         check = proxy_ns.exec(["haproxy", "-c", "-f", str(tmp_path / "haproxy" / "haproxy.cfg")])
         assert check.returncode == 0
 
+        # HAProxy's unit gets relayroute's drop-in (privileges: unprivileged);
+        # no init system runs HAProxy here (manage_service false): nothing to check.
+        dropin = tmp_path / "systemd" / "haproxy.service.d" / "relayroute.conf"
+        assert "User=haproxy" in dropin.read_text().splitlines()
+        assert "chroot" not in config
+        privileges = first["relayroute-proxy-haproxy-privileges"]
+        assert "HAProxy is not running" in privileges["comment"]
+
         # What the host runs at boot, without Salt: the unit and its script.
         unit = tmp_path / "systemd" / "relayroute-proxy.service"
         assert f"ExecStart=/bin/sh {tmp_path}/relayroute/proxy.restore" in unit.read_text()
@@ -148,6 +164,8 @@ def test_formula_proxy_component(loaders, proxy_ns, tmp_path):
     assert not (tmp_path / "sysctl-before.yaml").exists()
     assert not list((tmp_path / "relayroute").iterdir())
     assert not (tmp_path / "systemd" / "relayroute-proxy.service").exists()
+    # HAProxy's unit as the distribution ships it: the drop-in and its directory gone.
+    assert not (tmp_path / "systemd" / "haproxy.service.d").exists()
 
 
 def test_invalid_haproxy_description_keeps_the_previous_file(loaders, proxy_ns, tmp_path):
@@ -205,3 +223,155 @@ def test_a_mask_other_than_0xff_needs_no_divert_mark(loaders, proxy_ns, tmp_path
         clean = apply_sls(loaders, "relayroute.proxy.clean", data)
         assert all(state["result"] is True for state in clean.values()), clean
         assert proxy_ns.snapshot() == before
+
+
+def test_privileges_root_removes_the_drop_in_and_keeps_the_chroot(loaders, proxy_ns, tmp_path):
+    data = pillar(tmp_path, haproxy={"chroot": "/var/lib/haproxy"})
+    dropin_dir = tmp_path / "systemd" / "haproxy.service.d"
+    # Another drop-in of the operator's stays, and with it the directory.
+    dropin_dir.mkdir(parents=True)
+    (dropin_dir / "local.conf").write_text("[Service]\nNice=1\n")
+    with proxy_ns.entered():
+        first = apply_sls(loaders, "relayroute.proxy", data)
+        assert all(state["result"] is True for state in first.values()), first
+        assert (dropin_dir / "relayroute.conf").exists()
+        config = (tmp_path / "haproxy" / "haproxy.cfg").read_text()
+        assert "chroot" not in config
+
+        data["relayroute"]["lookup"]["proxy"]["haproxy"]["privileges"] = "root"
+        root = apply_sls(loaders, "relayroute.proxy", data)
+        assert all(state["result"] is True for state in root.values()), root
+        assert root["relayroute-proxy-haproxy-dropin"]["changes"] == {
+            "removed": str(dropin_dir / "relayroute.conf")
+        }
+        # Root: no privileges check (HAProxy has every capability), the chroot is back.
+        assert "relayroute-proxy-haproxy-privileges" not in root
+        config = (tmp_path / "haproxy" / "haproxy.cfg").read_text()
+        assert "    chroot /var/lib/haproxy\n" in config
+        clean = apply_sls(loaders, "relayroute.proxy.clean", data)
+        assert all(state["result"] is True for state in clean.values()), clean
+    assert sorted(path.name for path in dropin_dir.iterdir()) == ["local.conf"]
+
+
+RUNTIME = f"relayroute-{RUN_PREFIX}"
+
+
+@pytest.fixture
+def unprivileged_haproxy(loaders, proxy_ns, tmp_path):
+    """
+    The proxy component applied with privileges 'unprivileged' and a runtime
+    directory of this run's own; ``start(without=())`` runs HAProxy the way
+    the distribution's unit with relayroute's drop-in starts it (setpriv),
+    withholding ``without`` capabilities. The VIP is local: an HAProxy without
+    CAP_NET_ADMIN binds it, and then fails silently.
+    """
+    data = pillar(tmp_path, haproxy={"runtime_directory": RUNTIME})
+    proxy_ns.ip("addr add 198.51.100.25/32 dev lo")
+    with proxy_ns.entered():
+        applied = apply_sls(loaders, "relayroute.proxy", data)
+    assert all(state["result"] is True for state in applied.values()), applied
+    config = tmp_path / "haproxy" / "haproxy.cfg"
+    dropin = tmp_path / "systemd" / "haproxy.service.d" / "relayroute.conf"
+    run_dir = Path("/run") / RUNTIME
+    # pytest's tmp_path is root's alone: the configuration where HAProxy's user reads it.
+    readable = Path("/run") / f"{RUNTIME}-haproxy.cfg"
+    shutil.copy(config, readable)
+    readable.chmod(0o644)
+    started = []
+
+    def start(without=()):
+        launch = UnitLaunch(
+            unit_settings(
+                DEBIAN_UNIT.read_text(),
+                dropin.read_text(),
+                f'[Service]\nEnvironment="CONFIG={readable}"\n',
+            )
+        )
+        run_dir.mkdir(mode=launch.runtime_mode, exist_ok=True)
+        shutil.chown(run_dir, launch.user, launch.group)
+        haproxy = HAProxyProcess(
+            proxy_ns, readable, tmp_path / f"haproxy-{len(started)}.log", launch.argv(without)
+        )
+        started.append(haproxy.start())
+        return haproxy
+
+    try:
+        yield {"data": data, "start": start, "pidfile": str(run_dir / "haproxy.pid")}
+    finally:
+        for haproxy in started:
+            haproxy.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        readable.unlink()
+        with proxy_ns.entered():
+            loaders.modules.relayroute.proxy_remove()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEBIAN_UNIT.exists(), reason="needs Debian's haproxy.service")
+def test_privileges_state_passes_the_unprivileged_haproxy(loaders, proxy_ns, unprivileged_haproxy):
+    haproxy = unprivileged_haproxy["start"]()
+    pidfile = unprivileged_haproxy["pidfile"]
+    found = loaders.modules.relayroute.haproxy_privileges(pidfile=pidfile, user="haproxy")
+    assert found["problems"] == []
+    assert found["master"]["pid"] == haproxy.pid
+    assert [w["pid"] for w in found["workers"]] == haproxy.workers()
+    for status in [found["master"], *found["workers"]]:
+        assert status["uid"] == pwd.getpwnam("haproxy").pw_uid
+        assert status["CapEff"] == ("CAP_NET_BIND_SERVICE", "CAP_NET_ADMIN")
+        assert status["CapAmb"] == ("CAP_NET_BIND_SERVICE", "CAP_NET_ADMIN")
+        assert status["CapBnd"] == ("CAP_NET_BIND_SERVICE", "CAP_NET_ADMIN")
+    with proxy_ns.entered():
+        states = apply_sls(loaders, "relayroute.proxy", unprivileged_haproxy["data"])
+    state = states["relayroute-proxy-haproxy-privileges"]
+    assert state["result"] is True, state
+    assert state["comment"].endswith("every process has what it needs")
+    assert state["changes"] == {}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEBIAN_UNIT.exists(), reason="needs Debian's haproxy.service")
+def test_privileges_state_fails_an_haproxy_that_would_drop_every_connection(
+    loaders, proxy_ns, unprivileged_haproxy
+):
+    """Negative control: CAP_NET_ADMIN and CAP_NET_RAW withheld; HAProxy starts all the same."""
+    haproxy = unprivileged_haproxy["start"](without=("CAP_NET_ADMIN", "CAP_NET_RAW"))
+    assert haproxy.workers()
+    with proxy_ns.entered():
+        states = apply_sls(loaders, "relayroute.proxy", unprivileged_haproxy["data"])
+        dry = apply_sls(loaders, "relayroute.proxy", unprivileged_haproxy["data"], test=True)
+    state = states["relayroute-proxy-haproxy-privileges"]
+    assert state["result"] is False
+    master = f"master {haproxy.pid} (uid {pwd.getpwnam('haproxy').pw_uid})"
+    assert state["comment"].startswith(
+        f"{master} lacks CAP_NET_ADMIN or CAP_NET_RAW in its effective capabilities "
+        "(CapEff: CAP_NET_BIND_SERVICE), needed for IP_TRANSPARENT"
+    ), state["comment"]
+    assert "worker" in state["comment"]
+    # Every other state of the component succeeded: the failure is this one alone.
+    assert [s["__id__"] for s in states.values() if s["result"] is not True] == [
+        "relayroute-proxy-haproxy-privileges"
+    ]
+    assert dry["relayroute-proxy-haproxy-privileges"]["result"] is None
+
+
+@pytest.mark.slow
+def test_privileges_state_names_a_root_haproxy_and_a_stale_pid_file(
+    loaders, proxy_ns, unprivileged_haproxy, tmp_path
+):
+    root = HAProxyProcess(proxy_ns, tmp_path / "haproxy" / "haproxy.cfg").start()
+    try:
+        found = loaders.modules.relayroute.haproxy_privileges(pid=root.pid, user="haproxy")
+    finally:
+        root.stop()
+    assert found["problems"][0] == (
+        f"master {root.pid} (uid 0) runs as uid 0, not as haproxy "
+        f"(uid {pwd.getpwnam('haproxy').pw_uid}): was HAProxy restarted since its unit changed?"
+    )
+    stale = tmp_path / "stale.pid"
+    stale.write_text(f"{os.getpid()}\n")
+    state = loaders.states.relayroute.haproxy_privileged(name="h", pidfile=str(stale))
+    assert state.result is False
+    assert state.comment == (
+        f"pid file {stale} names process {os.getpid()}, which is "
+        f"{Path('/proc/self/comm').read_text().strip()!r}, not haproxy"
+    )

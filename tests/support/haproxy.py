@@ -11,6 +11,7 @@ configuration is live.
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -53,17 +54,124 @@ def check(cfg_path, ns=None):
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
 
 
+def unit_settings(*texts):
+    """
+    The ``[Service]`` settings of a unit file and its drop-ins (``texts`` in
+    the order systemd reads them): ``{key: [values]}``, every assignment
+    appended, an empty one clearing what came before (systemd's rule for
+    list settings; for single-valued ones the last value wins).
+    """
+    found, section = {}, None
+    for text in texts:
+        for raw in text.splitlines():
+            line = raw.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            if line.startswith("[") and line.endswith("]"):
+                section = line[1:-1]
+            elif section == "Service" and "=" in line:
+                key, value = (part.strip() for part in line.split("=", 1))
+                if value:
+                    found.setdefault(key, []).append(value)
+                else:
+                    found[key] = []
+    return found
+
+
+def _capability_names(values):
+    """``CAP_NET_ADMIN CAP_X`` settings as one set of names (systemd merges the lines)."""
+    return {name.upper() for value in values for name in value.split()}
+
+
+class UnitLaunch:
+    """
+    How systemd would start a service, from its unit and drop-ins: the
+    ``ExecStart`` command with the unit's environment expanded, and the user,
+    group, capabilities, ``NoNewPrivileges`` and ``RuntimeDirectory`` it gets.
+    ``argv()`` is that command under ``setpriv`` (for a lab without an init
+    system: the same credentials, none of systemd's sandboxing).
+    """
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.environment = {}
+        for value in settings.get("Environment", []):
+            for assignment in shlex.split(value):
+                name, _, text = assignment.partition("=")
+                self.environment[name] = text
+        self.user = self._last("User")
+        self.group = self._last("Group")
+        self.ambient = _capability_names(settings.get("AmbientCapabilities", []))
+        self.bounding = _capability_names(settings.get("CapabilityBoundingSet", []))
+        self.no_new_privileges = self._last("NoNewPrivileges") in ("yes", "true", "1", "on")
+        self.runtime_directory = self._last("RuntimeDirectory")
+        self.runtime_mode = int(self._last("RuntimeDirectoryMode") or "0755", 8)
+        (start,) = settings["ExecStart"]
+        self.command = self.expand(start.lstrip("-@+!:"))
+
+    @classmethod
+    def from_files(cls, *paths):
+        return cls(unit_settings(*(Path(path).read_text() for path in paths)))
+
+    def _last(self, key):
+        values = self.settings.get(key)
+        return values[-1] if values else None
+
+    def expand(self, command):
+        """systemd's expansion: ``$NAME`` as a word splits into words, ``${NAME}`` is one."""
+        words = []
+        for word in shlex.split(command):
+            whole = re.fullmatch(r"\$(\w+)", word)
+            if whole:
+                words += self.environment.get(whole.group(1), "").split()
+            else:
+                words.append(
+                    re.sub(r"\$\{(\w+)\}", lambda m: self.environment.get(m.group(1), ""), word)
+                )
+        return words
+
+    def argv(self, without=()):
+        """
+        ``setpriv`` running the command with the unit's credentials; ``without``:
+        capabilities to withhold from the ambient, inheritable and bounding sets
+        (a negative control).
+        """
+        if self.user is None:
+            return list(self.command)
+        ambient = sorted(self.ambient - set(without))
+        bounding = sorted((self.bounding or self.ambient) - set(without))
+
+        def caps(names):
+            return ",".join(["-all", *(f"+{name.lower()[4:]}" for name in names)])
+
+        argv = [
+            "setpriv",
+            f"--reuid={self.user}",
+            f"--regid={self.group or self.user}",
+            "--init-groups",
+            f"--inh-caps={caps(ambient)}",
+            f"--ambient-caps={caps(ambient)}",
+            f"--bounding-set={caps(bounding)}",
+        ]
+        if self.no_new_privileges:
+            argv.append("--no-new-privs")
+        return [*argv, *self.command]
+
+
 class HAProxyProcess:
     """``haproxy -W -db -f cfg_path`` running in ``ns``.
 
     Its stdout and stderr (alerts, warnings, worker exits) go to ``log_path``,
-    by default ``<cfg_path>.log``.
+    by default ``<cfg_path>.log``. With ``argv``, that command instead (a
+    master-worker HAProxy that stays in the foreground, e.g. the unit's
+    ``haproxy -Ws ...`` under setpriv: ``UnitLaunch.argv``).
     """
 
-    def __init__(self, ns, cfg_path, log_path=None):
+    def __init__(self, ns, cfg_path, log_path=None, argv=None):
         self.ns = ns
         self.cfg_path = Path(cfg_path)
         self.log_path = Path(log_path) if log_path else self.cfg_path.with_suffix(".log")
+        self.argv = list(argv) if argv else ["haproxy", "-W", "-db", "-f", str(self.cfg_path)]
         self.proc = None
 
     def __repr__(self):
@@ -82,7 +190,7 @@ class HAProxyProcess:
         """Start the master; return once a worker runs (listeners are bound then)."""
         with open(self.log_path, "ab") as log:
             self.proc = self.ns.popen(
-                ["haproxy", "-W", "-db", "-f", str(self.cfg_path)],
+                self.argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

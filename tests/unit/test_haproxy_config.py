@@ -21,7 +21,8 @@ from tests.unit.test_bad_topologies import BASE, MINION, as_map_jinja
 TEMPLATE = Path(__file__).resolve().parents[2] / "relayroute" / "proxy" / "files"
 
 # What the template rendered for the seed's (IPv4) pillar before it knew
-# families: an IPv4-only pillar renders exactly this, byte for byte.
+# families: an IPv4-only pillar renders exactly this, byte for byte, with
+# privileges 'root' (HAProxy as root and chrooted, as it always ran before).
 IPV4_ONLY = """\
 # Managed by Salt (relayroute) for relayroute-functional: local edits are overwritten.
 global
@@ -72,6 +73,31 @@ backend relayroute-smtp-587
 """
 
 
+# privileges 'unprivileged' (the default): no chroot, another comment; the rest the same.
+ROOT_GLOBAL = """\
+    chroot /var/lib/haproxy
+    stats socket /run/haproxy/admin.sock mode 660 level admin
+    maxconn 4096
+    # No 'user'/'group': 'source ... usesrc clientip' opens every connection to a
+    # relay with IP_TRANSPARENT, which needs CAP_NET_ADMIN; HAProxy before 2.9 has
+    # no 'setcap' to keep it after dropping root.
+"""
+UNPRIVILEGED_GLOBAL = """\
+    stats socket /run/haproxy/admin.sock mode 660 level admin
+    maxconn 4096
+    # No 'user'/'group': HAProxy starts as haproxy, its unit's drop-in giving it
+    # CAP_NET_ADMIN (IP_TRANSPARENT for 'usesrc clientip') and CAP_NET_BIND_SERVICE.
+"""
+
+
+def as_root(pillar):
+    """``pillar`` with privileges 'root' (README, "HAProxy without root")."""
+    pillar = copy.deepcopy(pillar)
+    lookup = pillar["relayroute"].setdefault("lookup", {})
+    lookup.setdefault("proxy", {}).setdefault("haproxy", {})["privileges"] = "root"
+    return pillar
+
+
 def render(pillar):
     """The configuration file the proxy component writes for ``pillar`` (Salt's Jinja defaults)."""
     config = as_map_jinja(pillar)
@@ -111,14 +137,21 @@ def sections(text):
 
 
 def test_ipv4_only_pillar_renders_the_single_stack_configuration_exactly():
-    assert render(BASE) == IPV4_ONLY
+    assert render(as_root(BASE)) == IPV4_ONLY
+
+
+def test_unprivileged_haproxy_has_no_chroot_and_the_same_sections():
+    # Started as its user, HAProxy has no CAP_SYS_CHROOT: the drop-in's sandbox instead.
+    assert ROOT_GLOBAL in IPV4_ONLY
+    assert render(BASE) == IPV4_ONLY.replace(ROOT_GLOBAL, UNPRIVILEGED_GLOBAL)
 
 
 def test_a_list_of_one_ipv4_address_renders_the_same_as_the_string():
     pillar = copy.deepcopy(BASE)
     pillar["relayroute"]["proxies"][MINION]["vip"] = ["198.51.100.25"]
     pillar["relayroute"]["relays"]["relay1"]["address"] = ["192.0.2.11"]
-    assert render(pillar) == IPV4_ONLY
+    assert render(as_root(pillar)) == IPV4_ONLY
+    assert render(pillar) == render(BASE)
 
 
 def test_dual_stack_frontends_and_backends_per_family():
@@ -182,7 +215,7 @@ def test_dual_stack_keeps_the_ipv4_sections_of_the_single_stack_file():
     # relay1's and relay2's IPv4 addresses are the same as in BASE.
     assert {k: v for k, v in dual.items() if not k.endswith("-ipv6")} == single
     head = IPV4_ONLY.split("\nfrontend ", 1)[0]
-    assert render(dual_stack()).startswith(head)
+    assert render(as_root(dual_stack())).startswith(head)
 
 
 def test_ipv6_only_vip():
