@@ -375,3 +375,33 @@ def test_privileges_state_names_a_root_haproxy_and_a_stale_pid_file(
         f"pid file {stale} names process {os.getpid()}, which is "
         f"{Path('/proc/self/comm').read_text().strip()!r}, not haproxy"
     )
+
+
+def args_of(state):
+    """A rendered state's arguments (``state.show_sls``: a list of one-key dicts)."""
+    return {k: v for item in state if isinstance(item, dict) for k, v in item.items()}
+
+
+def test_a_managed_service_restarts_on_a_new_drop_in_and_is_checked_after(loaders, tmp_path):
+    """Rendered (state.show_sls): systemd's restart and reload paths cannot run here."""
+    data = pillar(tmp_path, haproxy={"manage_service": True})
+    states = loaders.modules.state.show_sls("relayroute.proxy", pillar=data)
+    assert isinstance(states, dict), states
+    restart = states["relayroute-proxy-haproxy-restart"]["module"]
+    assert "run" in restart
+    assert args_of(restart)["service.restart"] == [{"name": "haproxy"}]
+    assert args_of(restart)["onchanges"] == [{"file": "relayroute-proxy-haproxy-dropin"}]
+    service = args_of(states["relayroute-proxy-haproxy-service"]["service"])
+    assert service["reload"] is True
+    assert service["watch"] == [{"file": "relayroute-proxy-haproxy-config"}]
+    assert {"module": "relayroute-proxy-haproxy-restart"} in service["require"]
+    check = args_of(states["relayroute-proxy-haproxy-privileges"]["relayroute"])
+    assert check["pidfile"] == "/run/haproxy/haproxy.pid"
+    assert check["user"] == "haproxy"
+    assert check["require_running"] is True
+    assert {"service": "relayroute-proxy-haproxy-service"} in check["require"]
+
+    clean = loaders.modules.state.show_sls("relayroute.proxy.clean", pillar=data)
+    restart = args_of(clean["relayroute-proxy-haproxy-restart-clean"]["module"])
+    assert restart["onchanges"] == [{"file": "relayroute-proxy-haproxy-dropin-clean"}]
+    assert restart["onlyif"] == [{"fun": "service.status", "name": "haproxy"}]

@@ -53,8 +53,9 @@ def test_debian_12_defaults_to_unprivileged_and_renders_the_drop_in():
         "NoNewPrivileges=yes",
         "RuntimeDirectory=haproxy",
         "RuntimeDirectoryMode=0750",
-        'Environment="EXTRAOPTS=-S /run/haproxy/master.sock"',
+        "RuntimeDirectoryPreserve=yes",
     ]
+    assert 'Environment="EXTRAOPTS=-S /run/haproxy/master.sock"' in lines
     assert 'Environment="PIDFILE=/run/haproxy/haproxy.pid"' in lines
     # The stats socket (/run/haproxy/admin.sock) is in the runtime directory already.
     assert not [line for line in lines if line.startswith("ReadWritePaths=")]
