@@ -190,3 +190,60 @@ def set_pillar(pillar_tree, salt_cli):
         assert ret.returncode == 0, ret.stdout
 
     return serve
+
+
+PROBE_MINION = "client"
+
+
+@pytest.fixture(scope="module")
+def probe_minion(lab, master, minions, formula_tree):
+    """
+    A salt-minion in the lab's ``client`` namespace (outside the relays' LAN,
+    roles ``[probe]``), for ``salt-run relayroute.probe``, and the runner on
+    the master (``_runners`` served beside the formula, synced with the
+    execution module). Module-scoped, and everything undone at its end: the
+    minion, its key and its management link go, so the package's other tests
+    target exactly the lab's own minions (``salt '*'``) as before.
+    """
+    from tests.conftest import ROOT
+    from tests.support.netns import run
+
+    client = lab.ns(PROBE_MINION)
+    runners = formula_tree / "_runners"
+    made_runners = not runners.exists()
+    if made_runners:
+        runners.symlink_to(ROOT / "_runners", target_is_directory=True)
+    made_link = client.name not in lab.mgmt
+    if made_link:
+        lab._management_link(client)
+    factory = master.salt_minion_daemon(
+        PROBE_MINION,
+        overrides={
+            "master": seedlab.MASTER_ADDRESS,
+            "grains": {"roles": ["probe"]},
+            "enable_fqdns_grains": False,
+            "grains_cache": True,
+            "log_level_logfile": "info",
+        },
+        factory_class=NetnsSaltMinion,
+        netns=client.name,
+    )
+    factory.start(start_timeout=120)
+    try:
+        cli = master.salt_cli(timeout=120)
+        synced = cli.run("saltutil.sync_modules", minion_tgt=PROBE_MINION)
+        assert synced.returncode == 0, synced.stdout
+        salt_run = master.salt_run_cli(timeout=120)
+        for what in ("saltutil.sync_modules", "saltutil.sync_runners"):
+            synced = salt_run.run(what)
+            assert synced.returncode == 0, synced.stdout
+        yield factory
+    finally:
+        factory.terminate()
+        master.salt_key_cli().run("-d", PROBE_MINION, "-y")
+        if made_link:
+            _address, root_if = lab.mgmt.pop(client.name)
+            client.ip("link del mgmt0")
+            run(["ip", "link", "del", root_if], check=False)
+        if made_runners:
+            runners.unlink()

@@ -1,0 +1,140 @@
+"""
+``salt-run relayroute.probe`` on the seed's lab: from a probe minion in the
+``client`` namespace, sessions to each relay directly and through the VIP, and
+each relay's conntrack entries of them. It passes on the lab as applied; it
+fails naming the relay and the VIP's paths when relayroute is removed from one
+relay, and when another relay has a foreign rule shadowing relayroute's (the
+proxy's mark looked up in the main table). HAProxy's health checks stay green
+in both. The lab is put back as it was (relayroute re-applied, the rule
+deleted) whatever happens.
+"""
+
+import copy
+import time
+
+import pytest
+
+from tests.lab.conftest import PROBE_MINION
+from tests.support.seedlab import RELAYS, VIP, report, states_of
+
+pytestmark = [pytest.mark.lab, pytest.mark.root]
+
+# Seconds each network operation of the probe may take here (replies take
+# milliseconds; a session through a broken path never gets its banner).
+TIMEOUT = 4
+PORTS = (25, 587)
+SINK = {"from": "probe@lab.example", "to": "someone@example.org"}
+# HAProxy keeps trying a relay whose replies go astray after the client gave
+# up: 'timeout connect' (5 s) for each of 4 attempts ('retries 3'). Its late
+# attempts must not land in a later probe's phase.
+HAPROXY_GIVES_UP = 4 * 5 + 2
+# Another tool's stateful firewall: a user of conntrack that is not relayroute.
+FIREWALL_TABLE = "inet rrprobe_firewall"
+FIREWALL = f"""
+table {FIREWALL_TABLE} {{
+    chain input {{
+        type filter hook input priority 0; policy accept;
+        ct state established,related counter accept
+    }}
+}}
+"""
+
+
+def probe(master, *args, timeout=180):
+    """Run the runner; returns (exit code, its return, elapsed seconds)."""
+    start = time.monotonic()
+    ret = master.salt_run_cli(timeout=timeout).run("relayroute.probe", *args, "details=True")
+    elapsed = time.monotonic() - start
+    assert isinstance(ret.data, dict), ret.stdout + ret.stderr
+    report(f"relayroute.probe {' '.join(args)}: exit {ret.returncode}, {elapsed:.1f} s", [
+        *ret.data.get("table", []), ret.data["summary"]
+    ])  # fmt: skip
+    return ret.returncode, ret.data, elapsed
+
+
+def failed_paths(data):
+    return sorted((r["relay"], r["path"], r["to"]) for r in data["rows"] if not r["ok"])
+
+
+def direct_paths(relay):
+    return [(relay, "direct", f"{RELAYS[relay]}:{port}") for port in PORTS]
+
+
+def vip_paths(relay):
+    return [(relay, "master-relay", f"{VIP}:{port}") for port in PORTS]
+
+
+def all_paths_ok(data):
+    paths = {(r["relay"], r["path"]) for r in data["rows"]}
+    expected = {(n, "direct") for n in RELAYS} | {(n, "master-relay") for n in RELAYS}
+    return paths == expected and len(data["rows"]) == 4 * len(RELAYS) and data["ok"]
+
+
+def test_probe_passes_on_the_lab_from_pillar(applied, probe_minion, master, set_pillar, lab):
+    """The settings in pillar (relayroute:probe), a whole message to a sink in every session."""
+    pillar = copy.deepcopy(lab.pillar())
+    pillar["relayroute"]["probe"] = {"minion": PROBE_MINION, "timeout": TIMEOUT, "message": SINK}
+    set_pillar(pillar)
+    try:
+        code, data, _elapsed = probe(master)
+    finally:
+        set_pillar(lab.pillar())
+    assert code == 0, data["table"]
+    assert all_paths_ok(data), data["rows"]
+    assert all(s["sent"] for s in data["sessions"]), data["sessions"]
+    marks = {r["path"]: r["marks"] for r in data["rows"]}
+    assert marks == {"direct": ["0"], "master-relay": ["0xfe"]}
+
+
+def test_probe_fails_naming_a_relay_without_relayroute(
+    applied, probe_minion, master, salt_cli, lab
+):
+    relay = "relay1"
+    ns = lab.ns(relay)
+    # Another tool's stateful firewall on the relay keeps conntrack on there.
+    ns.exec(["nft", "-f", "-"], input=FIREWALL)
+    try:
+        cleaned = salt_cli.run("state.apply", "relayroute.relay.clean", minion_tgt=relay)
+        assert cleaned.returncode == 0, cleaned.stdout
+        code, data, _elapsed = probe(master, f"minion={PROBE_MINION}", f"timeout={TIMEOUT}")
+        assert code == 1, data["table"]
+        assert failed_paths(data) == vip_paths(relay), data["table"]
+        assert data["summary"].startswith(
+            f"relayroute probe FAILED: 2 of 12 paths: {relay} via master-relay {VIP}:25: "
+            "connmark 0 on 203.0.113.10:"
+        ), data["summary"]
+        problems = [p for r in data["rows"] if not r["ok"] for p in r["problems"]]
+        assert any("never got past the handshake (SYN_RECV)" in p for p in problems), problems
+        # Without it the kernel tracks nothing there: every path of the relay is unproven.
+        ns.exec(f"nft delete table {FIREWALL_TABLE}")
+        code, data, _elapsed = probe(master, f"minion={PROBE_MINION}", f"timeout={TIMEOUT}")
+        assert code == 1, data["table"]
+        assert failed_paths(data) == sorted(direct_paths(relay) + vip_paths(relay)), data["table"]
+        problems = [p for r in data["rows"] if not r["ok"] for p in r["problems"]]
+        assert all("its kernel tracks no connection" in p for p in problems), problems
+    finally:
+        ns.exec(f"nft delete table {FIREWALL_TABLE}", check=False)
+        again = salt_cli.run("state.apply", "relayroute", minion_tgt=relay, _timeout=300)
+        assert again.returncode == 0, again.stdout
+        states_of(again, relay)
+        time.sleep(HAPROXY_GIVES_UP)
+    code, data, _elapsed = probe(master, f"minion={PROBE_MINION}", f"timeout={TIMEOUT}")
+    assert code == 0, data["table"]
+
+
+def test_probe_fails_naming_a_relay_with_a_shadowing_rule(applied, probe_minion, master, lab):
+    relay = "relay2"
+    # Before relayroute's rule (priority 1000): the proxy's mark in the main table.
+    rule = "rule add priority 900 fwmark 0xfe/0xff lookup main"
+    lab.ns(relay).ip(rule)
+    try:
+        code, data, _elapsed = probe(master, f"minion={PROBE_MINION}", f"timeout={TIMEOUT}")
+        assert code == 1, data["table"]
+        assert failed_paths(data) == vip_paths(relay), data["table"]
+        problems = [p for r in data["rows"] if not r["ok"] for p in r["problems"]]
+        assert all("never got past the handshake (SYN_RECV)" in p for p in problems), problems
+    finally:
+        lab.ns(relay).ip(rule.replace("rule add", "rule del"))
+        time.sleep(HAPROXY_GIVES_UP)
+    code, data, _elapsed = probe(master, f"minion={PROBE_MINION}", f"timeout={TIMEOUT}")
+    assert code == 0, data["table"]
