@@ -49,7 +49,22 @@ def without_root(environ, root, wanted):
     return "skip"
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fleet",
+        action="store_true",
+        default=False,
+        help="also run the fleet-scale lab (tests/lab_fleet: a salt-master, 2 proxies and "
+        "relays, each its own minion; minutes)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--fleet"):
+        skip_fleet = pytest.mark.skip(reason="the fleet-scale lab runs with pytest --fleet")
+        for item in items:
+            if "fleet" in item.keywords:
+                item.add_marker(skip_fleet)
     wanted = [item for item in items if needs_root(item)]
     verdict = without_root(os.environ, is_root(), len(wanted))
     if verdict == "skip":
