@@ -82,6 +82,8 @@ class Sample:
     targets: List[str]
     machine_busy: float  # CPU seconds the whole machine spent meanwhile (/proc/stat)
     spread: Dict[str, float] = field(default_factory=dict)
+    # The master's CPU by process (MWorkers summed, and the busiest of them).
+    master_processes: Dict[str, float] = field(default_factory=dict)
 
     def group(self, name):
         return self.cpu.get(name, 0.0)
@@ -139,13 +141,17 @@ class Bench:
         self.probe_rows = None
 
     def measure(self, kind, targets, call):
-        before, busy = self.fleet.cgroups.usage(), machine_busy()
+        cgroups = self.fleet.cgroups
+        master_before = cgroups.processes("master")
+        before, busy = cgroups.usage(), machine_busy()
         result = call()
-        after, busy_after = self.fleet.cgroups.usage(), machine_busy()
+        after, busy_after = cgroups.usage(), machine_busy()
+        master_after = cgroups.processes("master")
         cpu = {key: round(after[key] - before.get(key, 0.0), 4) for key in after}
         sample = Sample(
             kind, round(result.wall, 4), cpu, list(targets), round(busy_after - busy, 3)
         )
+        sample.master_processes = master_by_title(master_before, master_after)
         self.samples.setdefault(kind, []).append(sample)
         if self.verbose:
             self.log(f"  {kind}: {sample.wall:.2f} s wall, {sample.total:.2f} s CPU")
@@ -239,6 +245,26 @@ class Bench:
             self.probe()
 
 
+def master_by_title(before, after):
+    """
+    The master's CPU over a call by process title: its request workers summed
+    (``MWorker``) and the busiest one (``MWorker (busiest)``), the publisher,
+    the event publisher, the rest by name.
+    """
+    found = {}
+    workers = []
+    for pid, (title, cpu) in after.items():
+        spent = cpu - before.get(pid, (title, 0.0))[1]
+        if title.startswith("MWorker-"):
+            workers.append(spent)
+            title = "MWorker"
+        found[title] = round(found.get(title, 0.0) + spent, 3)
+    if workers:
+        found["MWorker (busiest)"] = round(max(workers), 3)
+        found["MWorker (count)"] = len(workers)
+    return found
+
+
 def start_spread(states):
     """
     From each minion's state results: when its first state started, relative to
@@ -322,6 +348,20 @@ def summarise(samples):
             [s.others / s.machine_busy for s in samples if s.machine_busy]
         ),
     }
+    titles = sorted({t for s in samples for t in s.master_processes})
+    if titles:
+        out["master_processes_s"] = {
+            t: _median([s.master_processes.get(t, 0.0) for s in samples]) for t in titles
+        }
+        # The busiest single master process's CPU over the wall time: near 1.0,
+        # that process (one thread of Python) is what the fleet waits on.
+        out["master_busiest_process_utilisation"] = _median(
+            [
+                max(v for k, v in s.master_processes.items() if "(count)" not in k) / s.wall
+                for s in samples
+                if s.master_processes and s.wall
+            ]
+        )
     spreads = [s.spread for s in samples if s.spread]
     if spreads:
         out["spread"] = {key: _median([sp[key] for sp in spreads]) for key in spreads[0]}
@@ -350,6 +390,7 @@ def analyse(bench, relays, runs):
                     "targets": len(s.targets),
                     "spread": s.spread,
                     "machine_busy": s.machine_busy,
+                    "master_processes": s.master_processes,
                 }
                 for s in samples
             ]
@@ -374,6 +415,13 @@ def analyse(bench, relays, runs):
                     fleet["master_s"] / relays, one["master_s"]
                 ),
                 "minion_fleet_over_one": _ratio(fleet["minions_s"] / relays, one["minions_s"]),
+                "master_fleet_over_one": _ratio(fleet["master_s"], one["master_s"]),
+                # The relays' own state run (the sum of its states' durations, as
+                # Salt reports them): what relayroute's states take on a relay.
+                "states_fleet_over_one": _ratio(
+                    (fleet.get("spread") or {}).get("median_states_s"),
+                    (one.get("spread") or {}).get("median_states_s"),
+                ),
                 "wall_fleet_over_one": _ratio(fleet["wall_s"], one["wall_s"]),
                 "fleet_wall_over_cpu_per_core": fleet["wall_over_cpu_per_core"],
                 "fleet_used_of_available": fleet["used_of_available"],
@@ -439,8 +487,9 @@ def print_report(report):
         lines += [
             f"{what}: fleet CPU per relay / one relay's: x{x['cpu_per_relay_fleet_over_one']} "
             f"(rounds: {paired[0]:.3f}-{paired[1]:.3f}; goal <= x{report['goal_cpu_per_relay']}); "
-            f"master per relay x{x['master_per_relay_fleet_over_one']}, "
-            f"minion x{x['minion_fleet_over_one']}",
+            f"master per relay x{x['master_per_relay_fleet_over_one']} (in all "
+            f"x{x['master_fleet_over_one']}), minion x{x['minion_fleet_over_one']}, a relay's "
+            f"state run x{x['states_fleet_over_one']}",
             f"  fleet wall / (fleet CPU / {report['cores']} cores): "
             f"{x['fleet_wall_over_cpu_per_core']} (1.0: CPU-bound, nothing serialises); "
             f"fleet wall / one relay's wall: x{x['wall_fleet_over_one']}",
@@ -454,6 +503,18 @@ def print_report(report):
                 f"  relays' first state: median {spread['median_start_s']} s, last "
                 f"{spread['last_start_s']} s after the first relay's; states ran "
                 f"{spread['median_states_s']} s (median), {spread['max_states_s']} s (max)"
+            )
+        procs = k[f"fleet_{what}"].get("master_processes_s") or {}
+        if procs:
+            top = sorted(((t, v) for t, v in procs.items() if "(" not in t), key=lambda i: -i[1])[
+                :4
+            ]
+            lines.append(
+                "  master by process: "
+                + ", ".join(f"{t} {v:.2f} s" for t, v in top)
+                + f"; busiest MWorker {procs.get('MWorker (busiest)', 0):.2f} s of "
+                f"{procs.get('MWorker (count)', 0):g}; busiest process busy "
+                f"{k[f'fleet_{what}']['master_busiest_process_utilisation']:.2f} of the wall time"
             )
         one = k[f"one_{what}"]
         lines.append(

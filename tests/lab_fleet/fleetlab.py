@@ -220,6 +220,32 @@ class Cgroups:
                         found[key] = int(value) / 1e6
         return found
 
+    def processes(self, key):
+        """
+        ``{pid: (title, CPU seconds)}`` of the processes in one cgroup now: the
+        title is what Salt names the process after its configuration
+        (``MWorker-default-0``, ``PubServerChannel._publish_daemon``, ...).
+        """
+        found = {}
+        for pid in self.pids(key):
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/cmdline") as cmdline:
+                    words = cmdline.read().split("\0")
+            except OSError:
+                continue
+            # Salt's setproctitle writes one string: "python salt-master -c CONFDIR
+            # [Parent] TITLE"; the event publisher's is its title alone.
+            words = " ".join(words).split()
+            if "-c" in words and words.index("-c") + 2 < len(words):
+                title = words[-1]
+            else:
+                title = words[0] if words else str(pid)
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime
+            found[pid] = (title, ticks / os.sysconf("SC_CLK_TCK"))
+        return found
+
     def pids(self, key=None):
         paths = [self.paths[key]] if key else [self.root]
         found = []
