@@ -20,8 +20,9 @@ and, in separate runs under ``strace -f``, the processes exec'd. Then, with
 relayroute's state flushed between runs (``relayroute.relay_remove``, outside
 the measurement), what one apply that has work to do costs, and which
 processes it runs. Beside each backend's relay, interleaved: the same relay
-with the watcher switched off, and the same relay on a host whose packet
-filter holds 10,000 rules of another tool (iptables: a chain in the mangle
+with the watcher switched off (``watch:enabled: false``: the relayroute state
+keeps no watcher unit), and the same relay on a host whose packet filter
+holds 10,000 rules of another tool (iptables: a chain in the mangle
 table; nftables: another tool's ``inet`` table hooked where relayroute's is),
 as ratios to the relay without them, for a no-op and for an apply with work.
 
@@ -895,11 +896,11 @@ def print_report(report, elapsed):
         lines += [
             "",
             _row(
-                "no-op without the watcher's states / empty",
+                "no-op, watch:enabled false / empty",
                 cells(lambda e: f"cpu x{e['watcher_share']['noop_unwatched_cpu_over_empty']:.3f}"),
             ),
             _row(
-                "  with / without them: cpu",
+                "  with / without the watcher: cpu",
                 cells(
                     lambda e: f"x{e['watcher_share']['noop_cpu_with_over_without']:.3f} "
                     f"{e['watcher_share']['noop_cpu_ms_with_minus_without']:+5.0f} ms"
