@@ -194,6 +194,7 @@ class Cgroups:
         self.paths = {}
 
     def make(self, group, member=None):
+        """The cgroup of ``group`` (and of ``member`` below it), made if new."""
         path = self.root / group
         path.mkdir(exist_ok=True)
         self.paths.setdefault(group, path)
@@ -247,13 +248,8 @@ class Cgroups:
         return found
 
     def pids(self, key=None):
-        paths = [self.paths[key]] if key else [self.root]
-        found = []
-        for path in paths:
-            for procs in path.rglob("cgroup.procs"):
-                with contextlib.suppress(OSError):
-                    found += [int(p) for p in procs.read_text().split()]
-        return found
+        """The processes of one cgroup and its children (``None``: the whole fleet's)."""
+        return self.pids_under(self.paths[key] if key else self.root)
 
     def kill(self, key, timeout=10):
         """SIGTERM then SIGKILL every process of one cgroup (and its children cgroups)."""
@@ -279,6 +275,7 @@ class Cgroups:
 
     @staticmethod
     def pids_under(path):
+        """The processes of the cgroup ``path`` and of every cgroup below it."""
         found = []
         for procs in path.rglob("cgroup.procs"):
             with contextlib.suppress(OSError):
@@ -286,6 +283,7 @@ class Cgroups:
         return found
 
     def remove(self):
+        """Kill what is left in the fleet's cgroups, then remove them, leaves first."""
         if not self.root.exists():
             return
         self._kill_all(self.root)
@@ -354,6 +352,7 @@ class Fleet:
         return ns
 
     def build_network(self):
+        """The namespaces and links of the module's picture, and the management bridge."""
         for path in ("/etc/relayroute",):
             if etc_mount_point(path):
                 self.made_etc.append(path)
