@@ -15,6 +15,7 @@ every minion publishes its relayroute record (``mine_functions``).
    and a warning state of that highstate names it. A proxy box whose minion
    is gone: the relays take no MAC from its stale record (their neighbour
    table gives it, as without the mine), and their highstate warns of it.
+   Deleting a gone minion's key takes its record out of ``mine.get`` at once.
 
 The tests run in this order, each from where the one before left the lab.
 Run with ``-s`` to see the report (the pillar diffs among it).
@@ -321,6 +322,14 @@ def test_gone_minions_records_go_stale_with_a_warning(
     }
     new = mail_through(lab, relays_postfix, VIP2, sessions=1)
     age = {name: time.time() - at for name, at in published.items()}
+
+    # Decommissioning at once: with relay3's key deleted, the master's mine.get
+    # no longer matches it (its records need not age past max_age).
+    deleted = master.salt_key_cli().run("-d", "relay3", "-y")
+    assert deleted.returncode == 0, deleted.stdout
+    seen = fleet.call("mine.get", "*", "relayroute", tgt=["master-relay"])["master-relay"]
+    assert "relay3" not in seen, sorted(seen)
+    assert PROXY2 in seen, sorted(seen)
     title = "gone minions (relay3: minion stopped, host off the LAN; master-relay2: minion stopped)"
     report(title, [
         f"pillar diff: {pillar_diff(before, after)}",
@@ -333,4 +342,5 @@ def test_gone_minions_records_go_stale_with_a_warning(
         f"{sorted({r for r, _c in logged.values()})}",
         f"relays' highstate: the same two warnings, nothing changed; they mark {PROXY2_MARK}: "
         f"[{mac2}] (neighbour table); VIP2 x1 per port -> {sorted({r for r, _c in new.values()})}",
+        f"salt-key -d relay3: mine.get '*' relayroute on master-relay now names {sorted(seen)}",
     ])  # fmt: skip
