@@ -193,6 +193,11 @@ def set_pillar(pillar_tree, salt_cli):
 
 
 PROBE_MINION = "client"
+# The probe's own source in the client namespace: inside the relays' mynetworks
+# (203.0.113.0/28, so a sink message is relayed), and no other test's client:
+# its direct sessions' entries (mark 0, TIME_WAIT for 2 minutes) never meet
+# another test's checks of the mail client's flows.
+PROBE_SOURCE = "203.0.113.14"
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +221,7 @@ def probe_minion(lab, master, minions, formula_tree):
     made_link = client.name not in lab.mgmt
     if made_link:
         lab._management_link(client)
+    client.ip(f"addr add {PROBE_SOURCE}/24 dev eth0")
     factory = master.salt_minion_daemon(
         PROBE_MINION,
         overrides={
@@ -241,6 +247,7 @@ def probe_minion(lab, master, minions, formula_tree):
     finally:
         factory.terminate()
         master.salt_key_cli().run("-d", PROBE_MINION, "-y")
+        client.ip(f"addr del {PROBE_SOURCE}/24 dev eth0", check=False)
         if made_link:
             _address, root_if = lab.mgmt.pop(client.name)
             client.ip("link del mgmt0")

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from tests.lab.conftest import PROBE_MINION
-from tests.support.seedlab import RELAYS, VIP, report, states_of
+from tests.lab.conftest import PROBE_MINION, PROBE_SOURCE
+from tests.support.seedlab import PROXY_LAN, RELAYS, VIP, report, states_of
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 
@@ -25,9 +25,13 @@ TIMEOUT = 4
 PORTS = (25, 587)
 SINK = {"from": "probe@lab.example", "to": "someone@example.org"}
 # HAProxy keeps trying a relay whose replies go astray after the client gave
-# up: 'timeout connect' (5 s) for each of 4 attempts ('retries 3'). Its late
-# attempts must not land in a later probe's phase.
-HAPROXY_GIVES_UP = 4 * 5 + 2
+# up: 'timeout connect' (5 s) for each of 4 attempts ('retries 3'), and an
+# earlier test's lost sessions may hold connections to a relay longer
+# (test_networkd's controls): with 'balance leastconn' HAProxy then sends new
+# sessions elsewhere. Each probe here starts once HAProxy holds no client's
+# connection to any relay, waiting at most DRAIN_WAIT s.
+DRAIN_WAIT = 120.0
+ARGS = (f"minion={PROBE_MINION}", f"timeout={TIMEOUT}", f"source={PROBE_SOURCE}")
 # Another tool's stateful firewall: a user of conntrack that is not relayroute.
 FIREWALL_TABLE = "inet rrprobe_firewall"
 FIREWALL = f"""
@@ -40,13 +44,36 @@ table {FIREWALL_TABLE} {{
 """
 
 
-def probe(master, *args, timeout=180):
-    """Run the runner; returns (exit code, its return, elapsed seconds)."""
+def haproxy_drained(lab, timeout=DRAIN_WAIT):
+    """Wait until HAProxy holds no client's connection to a relay; the seconds waited."""
+    started = time.monotonic()
+    while True:
+        out = lab.ns("master-relay").exec(["ss", "-tnpH", "state", "all"]).stdout
+        relays = {f"{address}:{port}" for address in RELAYS.values() for port in PORTS}
+        busy = [
+            line
+            for line in out.splitlines()
+            if '"haproxy"' in line
+            and not line.startswith("TIME-WAIT")
+            and line.split()[4] in relays
+            and not line.split()[3].startswith(f"{PROXY_LAN}:")  # health checks
+        ]
+        waited = round(time.monotonic() - started, 1)
+        if not busy:
+            return waited
+        assert waited < timeout, busy
+        time.sleep(1)
+
+
+def probe(master, lab, *args, timeout=180):
+    """Run the runner once HAProxy is idle; returns (exit code, its return, elapsed seconds)."""
+    drained = haproxy_drained(lab)
     start = time.monotonic()
     ret = master.salt_run_cli(timeout=timeout).run("relayroute.probe", *args, "details=True")
     elapsed = time.monotonic() - start
     assert isinstance(ret.data, dict), ret.stdout + ret.stderr
-    report(f"relayroute.probe {' '.join(args)}: exit {ret.returncode}, {elapsed:.1f} s", [
+    title = f"relayroute.probe {' '.join(args)}: exit {ret.returncode}, {elapsed:.1f} s"
+    report(f"{title} (HAProxy idle after {drained} s)", [
         *ret.data.get("table", []), ret.data["summary"]
     ])  # fmt: skip
     return ret.returncode, ret.data, elapsed
@@ -73,10 +100,15 @@ def all_paths_ok(data):
 def test_probe_passes_on_the_lab_from_pillar(applied, probe_minion, master, set_pillar, lab):
     """The settings in pillar (relayroute:probe), a whole message to a sink in every session."""
     pillar = copy.deepcopy(lab.pillar())
-    pillar["relayroute"]["probe"] = {"minion": PROBE_MINION, "timeout": TIMEOUT, "message": SINK}
+    pillar["relayroute"]["probe"] = {
+        "minion": PROBE_MINION,
+        "timeout": TIMEOUT,
+        "source": PROBE_SOURCE,
+        "message": SINK,
+    }
     set_pillar(pillar)
     try:
-        code, data, _elapsed = probe(master)
+        code, data, _elapsed = probe(master, lab)
     finally:
         set_pillar(lab.pillar())
     assert code == 0, data["table"]
@@ -96,18 +128,18 @@ def test_probe_fails_naming_a_relay_without_relayroute(
     try:
         cleaned = salt_cli.run("state.apply", "relayroute.relay.clean", minion_tgt=relay)
         assert cleaned.returncode == 0, cleaned.stdout
-        code, data, _elapsed = probe(master, f"minion={PROBE_MINION}", f"timeout={TIMEOUT}")
+        code, data, _elapsed = probe(master, lab, *ARGS)
         assert code == 1, data["table"]
         assert failed_paths(data) == vip_paths(relay), data["table"]
         assert data["summary"].startswith(
             f"relayroute probe FAILED: 2 of 12 paths: {relay} via master-relay {VIP}:25: "
-            "connmark 0 on 203.0.113.10:"
+            f"connmark 0 on {PROBE_SOURCE}:"
         ), data["summary"]
         problems = [p for r in data["rows"] if not r["ok"] for p in r["problems"]]
         assert any("never got past the handshake (SYN_RECV)" in p for p in problems), problems
         # Without it the kernel tracks nothing there: every path of the relay is unproven.
         ns.exec(f"nft delete table {FIREWALL_TABLE}")
-        code, data, _elapsed = probe(master, f"minion={PROBE_MINION}", f"timeout={TIMEOUT}")
+        code, data, _elapsed = probe(master, lab, *ARGS)
         assert code == 1, data["table"]
         assert failed_paths(data) == sorted(direct_paths(relay) + vip_paths(relay)), data["table"]
         problems = [p for r in data["rows"] if not r["ok"] for p in r["problems"]]
@@ -117,8 +149,7 @@ def test_probe_fails_naming_a_relay_without_relayroute(
         again = salt_cli.run("state.apply", "relayroute", minion_tgt=relay, _timeout=300)
         assert again.returncode == 0, again.stdout
         states_of(again, relay)
-        time.sleep(HAPROXY_GIVES_UP)
-    code, data, _elapsed = probe(master, f"minion={PROBE_MINION}", f"timeout={TIMEOUT}")
+    code, data, _elapsed = probe(master, lab, *ARGS)
     assert code == 0, data["table"]
 
 
@@ -128,13 +159,12 @@ def test_probe_fails_naming_a_relay_with_a_shadowing_rule(applied, probe_minion,
     rule = "rule add priority 900 fwmark 0xfe/0xff lookup main"
     lab.ns(relay).ip(rule)
     try:
-        code, data, _elapsed = probe(master, f"minion={PROBE_MINION}", f"timeout={TIMEOUT}")
+        code, data, _elapsed = probe(master, lab, *ARGS)
         assert code == 1, data["table"]
         assert failed_paths(data) == vip_paths(relay), data["table"]
         problems = [p for r in data["rows"] if not r["ok"] for p in r["problems"]]
         assert all("never got past the handshake (SYN_RECV)" in p for p in problems), problems
     finally:
         lab.ns(relay).ip(rule.replace("rule add", "rule del"))
-        time.sleep(HAPROXY_GIVES_UP)
-    code, data, _elapsed = probe(master, f"minion={PROBE_MINION}", f"timeout={TIMEOUT}")
+    code, data, _elapsed = probe(master, lab, *ARGS)
     assert code == 0, data["table"]
