@@ -454,7 +454,19 @@ def topology(config, minion_id=None):
     _unknown(errors, "", config, TOP_KEYS)
 
     proxies = _mapping(config.get("proxies"), errors, "proxies", "proxies")
-    relays = _mapping(config.get("relays"), errors, "relays", "relays")
+    if config.get("relays_from_mine") and not config.get("relays"):
+        # Nothing listed and nothing fresh in the mine: a new fleet whose
+        # minions have not published yet (they publish once relayroute is synced).
+        errors.add(
+            "relays",
+            config.get("relays"),
+            "has no relay: none in the pillar and no relay-role minion with a fresh record in "
+            "the mine (relays_from_mine); on a new fleet run saltutil.sync_all and mine.update "
+            "on every minion before the first highstate (README, 'The fleet from the mine')",
+        )
+        relays = {}
+    else:
+        relays = _mapping(config.get("relays"), errors, "relays", "relays")
     raw_ports = config.get("ports", [25, 587])
     ports = _ports(raw_ports, errors, "ports")
     base = model.to_int(config.get("priority_base", 1000), errors, "priority_base", 1, 32000)

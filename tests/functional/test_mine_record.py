@@ -1,7 +1,7 @@
 """
 What a minion publishes to the mine, read from the real kernel through Salt's
 loader, and the topology taking records (``validate_topology(records=...)``);
-the lab (tests/lab/test_fleet_mine.py) runs the real mine of a salt-master.
+the lab (tests/lab_mine/test_fleet_mine.py) runs the real mine of a salt-master.
 """
 
 import pytest

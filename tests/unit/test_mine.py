@@ -170,3 +170,16 @@ def test_without_mine_settings_nothing_is_read():
     del data["mine"]
     assert mine.wanted(data) is False
     assert mine.merge(data, RECORDS, now=NOW) == (data, [])
+
+
+def test_a_new_fleet_with_an_empty_mine_is_told_what_to_run():
+    data = pillar(relays_from_mine=True)
+    del data["relays"]
+    merged, _notes = mine.merge(data, {}, now=NOW)
+    errors = topology.topology(merged, "master-relay")["errors"]
+    assert errors == [
+        "relayroute:relays: has no relay: none in the pillar and no relay-role minion with a "
+        "fresh record in the mine (relays_from_mine); on a new fleet run saltutil.sync_all and "
+        "mine.update on every minion before the first highstate (README, 'The fleet from the "
+        "mine') (got None)"
+    ]
