@@ -109,7 +109,8 @@ def apply_sls(loaders, sls, pillar_data, test=False):
 
 
 def test_formula_proxy_component(loaders, proxy_ns, tmp_path):
-    data = pillar(tmp_path)
+    # The defaults set no sysctl (transparent binds need no ip_nonlocal_bind): one asked for.
+    data = pillar(tmp_path, sysctls={"net.ipv4.ip_nonlocal_bind": 1})
     # The iptables lines below: pinned (Debian 12's default is nftables).
     data["relayroute"]["backend"] = "iptables"
     nonlocal_bind = "sysctl -n net.ipv4.ip_nonlocal_bind"
@@ -182,6 +183,16 @@ def test_invalid_haproxy_description_keeps_the_previous_file(loaders, proxy_ns, 
     assert config_state["result"] is False
     assert "parsecs" in config_state["comment"] or "timeout" in config_state["comment"]
     assert path.read_text() == previous
+
+
+def test_the_defaults_set_no_sysctl(loaders, proxy_ns, tmp_path):
+    with proxy_ns.entered():
+        applied = apply_sls(loaders, "relayroute.proxy", pillar(tmp_path))
+        assert proxy_ns.exec("sysctl -n net.ipv4.ip_nonlocal_bind").stdout.strip() == "0"
+        loaders.modules.relayroute.proxy_remove()
+    assert all(state["result"] is True for state in applied.values()), applied
+    assert not [name for name in applied if name.startswith("relayroute-proxy-sysctl-net.")]
+    assert not (tmp_path / "sysctl.conf").exists()
 
 
 def test_tcp_tw_recycle_is_refused_and_nothing_changes(loaders, proxy_ns, tmp_path):

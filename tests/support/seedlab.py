@@ -247,7 +247,11 @@ class SeedLab:
                 },
                 # Wider than the longest a lab test holds sessions open (HELD_WINDOW_MAX
                 # in test_live_safety): no idle timer of HAProxy's ends one.
-                "proxy": {"haproxy": {"timeouts": {"client": "10m", "server": "10m"}}},
+                "proxy": {
+                    "haproxy": {"timeouts": {"client": "10m", "server": "10m"}},
+                    # None by default; one here, for the reboot proof to restore.
+                    "sysctls": {"net.ipv4.ip_nonlocal_bind": 1},
+                },
                 # The lab runs HAProxy itself (no init system in a namespace) and has
                 # no shared /run/haproxy: one stats socket path would collide. Saved
                 # sysctls go to a directory each host has of its own (/etc/netns).
