@@ -39,6 +39,7 @@ TOP_KEYS = {
     "watch",
     "mine",
     "relays_from_mine",
+    "probe",
 }
 MINE_KEYS = {"enabled", "max_age"}
 WATCH_KEYS = {"enabled", "debounce", "shell"}
@@ -639,6 +640,12 @@ def topology(config, minion_id=None):
         )
     watch(config.get("watch"), errors, "watch")
     mine_settings(config, errors)
+    if "probe" in config:
+        # The probe runner's settings (salt-run relayroute.probe); probe
+        # imports this module, hence the import here.
+        from . import probe as probing
+
+        errors.items += probing.settings(config["probe"], ports or [25, 587])["errors"]
 
     if errors.items or spec is None or proxy_spec is None:
         return {"errors": errors.items, "relay": None, "proxy": None, "unlisted_relay": None}

@@ -506,11 +506,10 @@ def test_sources_towards_the_loopback():
     assert probe.sources_towards(["127.0.0.1"], ["127.0.0.1"]) == {"127.0.0.1": "127.0.0.1"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="topology.TOP_KEYS does not list 'probe' yet: the formula refuses relayroute:probe",
-)
 def test_the_formula_accepts_probe_settings_in_its_pillar():
     from relayroute_core import topology
 
     assert topology.topology({**PILLAR, "probe": {"minion": "probe1"}})["errors"] == []
+    errors = topology.topology({**PILLAR, "probe": {"minion": "probe1", "ports": [26]}})["errors"]
+    assert errors
+    assert errors[0].startswith("relayroute:probe:ports:0: "), errors
