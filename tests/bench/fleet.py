@@ -276,7 +276,7 @@ def start_spread(states):
     From each minion's state results: when its first state started, relative to
     the earliest minion's (seconds), and how long its states ran in all.
     """
-    starts, durations = [], []
+    starts, durations, ours = [], [], []
     for results in states.values():
         times = [
             datetime.strptime(value["start_time"], "%H:%M:%S.%f")
@@ -286,6 +286,12 @@ def start_spread(states):
         if times:
             starts.append(min(times))
         durations.append(sum(float(value.get("duration") or 0) for value in results.values()))
+        for key, value in results.items():
+            # relayroute's own state (relayroute.relay_present / proxy_present): when
+            # it ran on this minion, to see whether it ever ran on several at once.
+            if key.startswith("relayroute_|-") and value.get("start_time"):
+                begin = datetime.strptime(value["start_time"], "%H:%M:%S.%f")
+                ours.append((begin, float(value.get("duration") or 0) / 1000))
     if not starts:
         return {}
     first = min(starts)
@@ -295,7 +301,21 @@ def start_spread(states):
         "median_start_s": round(statistics.median(offsets), 3),
         "median_states_s": round(statistics.median(durations) / 1000, 3),
         "max_states_s": round(max(durations) / 1000, 3),
+        "relayroute_state_max_concurrent": max_overlap(ours),
     }
+
+
+def max_overlap(intervals):
+    """The most of ``(start datetime, seconds)`` intervals running at one instant."""
+    events = []
+    for begin, seconds in intervals:
+        start = begin.timestamp()
+        events += [(start, 1), (start + seconds, -1)]
+    running = most = 0
+    for _when, step in sorted(events, key=lambda e: (e[0], e[1])):
+        running += step
+        most = max(most, running)
+    return most
 
 
 # --------------------------------------------------------------------------
@@ -372,6 +392,9 @@ def summarise(samples):
     spreads = [s.spread for s in samples if s.spread]
     if spreads:
         out["spread"] = {key: _median([sp[key] for sp in spreads]) for key in spreads[0]}
+        out["spread"]["relayroute_state_max_concurrent_range"] = _range(
+            [sp["relayroute_state_max_concurrent"] for sp in spreads]
+        )
     return out
 
 
@@ -453,6 +476,11 @@ def analyse(bench, relays, runs):
     return report
 
 
+def _span(pair):
+    low, high = pair
+    return f"{low:g}" if low == high else f"{low:g}-{high:g}"
+
+
 def print_report(report):
     k, r = report["kinds"], report["ratios"]
     lines = [
@@ -513,7 +541,11 @@ def print_report(report):
             lines.append(
                 f"  relays' first state: median {spread['median_start_s']} s, last "
                 f"{spread['last_start_s']} s after the first relay's; states ran "
-                f"{spread['median_states_s']} s (median), {spread['max_states_s']} s (max)"
+                f"{spread['median_states_s']} s (median), {spread['max_states_s']} s (max), "
+                "wall-clock, so longer when the relays share the cores; relayroute's own state "
+                "ran on up to "
+                + _span(spread["relayroute_state_max_concurrent_range"])
+                + f" of {k[f'fleet_{what}']['targets']} relays at once"
             )
         procs = k[f"fleet_{what}"].get("master_processes_s") or {}
         if procs:
