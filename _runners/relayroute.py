@@ -25,6 +25,7 @@ import sys
 import types
 
 import salt.client
+import salt.utils.minions
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ def _core_dirs():
 
 def _probing():
     """The pure sub-module ``probe`` of the execution module's package."""
+    return _core("probe")
+
+
+def _core(name):
+    """A pure sub-module of the execution module's package (``probe``, ``status``)."""
     if CORE not in sys.modules:
         found = next((d for d in _core_dirs() if os.path.isfile(os.path.join(d, "probe.py"))), None)
         if found is None:
@@ -71,7 +77,7 @@ def _probing():
         package = types.ModuleType(CORE)
         package.__path__ = [found]
         sys.modules[CORE] = package
-    return importlib.import_module(f"{CORE}.probe")
+    return importlib.import_module(f"{CORE}.{name}")
 
 
 def _client():
@@ -310,3 +316,50 @@ def _probe_call(client, minion, sessions, kwarg, wait):
     if not ok or not isinstance(ret, dict):
         return f"the probe minion {minion!r}: {ret}"
     return ret
+
+
+def status(tgt="roles:relay", tgt_type="grain", timeout=30, details=False):
+    """
+    The fleet's relays as one table: each relay's ``relayroute.status`` rows
+    (one per proxy and a ``(direct)`` row: rule, route, MACs marked, marked
+    packets, flows by mark, last apply, drift), a ``relay`` column first; a
+    relay that did not answer, or failed, is a row saying so. Returns
+    ``{"ok", "retcode", "table"}`` (and ``rows``, ``{relay: [row, ...]}``,
+    with ``details=True``); ``retcode`` 1 when a relay drifts, failed or did
+    not answer.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run relayroute.status
+        salt-run relayroute.status tgt='relay*' tgt_type=glob --out=json details=True
+    """
+    view = _core("status")
+    client = _client()
+    expected = _targeted(tgt, tgt_type)
+    answers = _answers(client, tgt, "relayroute.status", [], timeout, tgt_type=tgt_type)
+    rows = {}
+    for minion in sorted(expected | set(answers)):
+        if minion not in answers:
+            rows[minion] = "did not answer"
+            continue
+        ok, value = answers[minion]
+        rows[minion] = value if ok else str(value)
+    drifting = [
+        minion
+        for minion, value in rows.items()
+        if not isinstance(value, list) or any(row.get("drift") != "ok" for row in value)
+    ]
+    retcode = FAILED if drifting or not rows else OK
+    __context__["retcode"] = retcode  # noqa: F821
+    result = {"ok": retcode == OK, "retcode": retcode, "table": view.table(rows)}
+    if details:
+        result["rows"] = rows
+    return result
+
+
+def _targeted(tgt, tgt_type):
+    """The minion ids ``tgt`` matches by the master's data (those that should answer)."""
+    found = salt.utils.minions.CkMinions(__opts__).check_minions(tgt, tgt_type)  # noqa: F821
+    return set(found.get("minions") or [])

@@ -175,3 +175,29 @@ def test_probe_fails_naming_a_relay_with_a_shadowing_rule(applied, probe_minion,
         lab.ns(relay).ip(rule.replace("rule add", "rule del"))
     code, data, _elapsed = probe(master, lab, *ARGS)
     assert code == 0, data["table"]
+
+
+def test_the_fleets_status_is_one_table(applied, probe_minion, master, lab):
+    """``salt-run relayroute.status``: every relay's rows in one table; a drift named by relay."""
+    run = master.salt_run_cli(timeout=120)
+    ret = run.run("relayroute.status", "details=True")
+    assert isinstance(ret.data, dict), ret.stdout + ret.stderr
+    report("salt-run relayroute.status", ret.data["table"].splitlines())
+    assert ret.returncode == 0, ret.data["table"]
+    assert set(ret.data["rows"]) == set(RELAYS)
+    for name, rows in ret.data["rows"].items():
+        proxy = rows[0]
+        assert proxy["proxy"] == "master-relay", rows
+        assert proxy["rule"] == "IPv4 1000 ok", rows
+        assert proxy["macs_marked"] == lab.proxy_mac(), rows
+        assert proxy["drift"] == "ok", (name, rows)
+    route = "route del default table 1000254"
+    lab.ns("relay2").ip(route)
+    try:
+        ret = run.run("relayroute.status", "details=True")
+        assert ret.returncode == 1, ret.data["table"]
+        drifting = {n for n, rows in ret.data["rows"].items() if rows[0]["drift"] != "ok"}
+        assert drifting == {"relay2"}, ret.data["table"]
+        assert "MISSING" in ret.data["rows"]["relay2"][0]["route"]
+    finally:
+        lab.ns("relay2").ip(f"route add default via {lab.proxy_address} table 1000254 proto 210")

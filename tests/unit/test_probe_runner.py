@@ -217,3 +217,52 @@ def test_the_fleet_from_the_mine(runner):
     assert asked == [("*", "relayroute")]
     assert ret["retcode"] == 0, ret["table"]
     assert {r["relay"] for r in ret["rows"]} == {"relay1", "relay2"}
+
+
+class Fleet:
+    """Relays answering ``relayroute.status`` through a fake LocalClient."""
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.calls = []
+
+    def cmd(self, tgt, fun, arg=None, kwarg=None, timeout=None, tgt_type="glob", **_):
+        self.calls.append((fun, tgt, tgt_type))
+        return self.answers
+
+
+def status_row(drift="ok"):
+    return {
+        "proxy": "master-relay",
+        "mark": "0xfe",
+        "rule": "IPv4 1000 ok",
+        "route": "IPv4 via 192.0.2.2 ok",
+        "macs_marked": "02:00:c0:00:02:02",
+        "marked_packets": 3,
+        "flows": 1,
+        "last_apply": "2026-11-30 12:00:00 UTC (42 s ago)",
+        "drift": drift,
+    }
+
+
+def test_the_fleets_status_is_one_table(runner):
+    fleet = Fleet(
+        {
+            "relay1": {"ret": [status_row()], "retcode": 0},
+            "relay2": {"ret": [status_row("relayroute DRIFT: 1 difference: x")], "retcode": 0},
+        }
+    )
+    runner._client = lambda: fleet
+    runner._targeted = lambda tgt, tgt_type: {"relay1", "relay2", "relay3"}
+    ret = runner.status(details=True)
+    assert fleet.calls == [("relayroute.status", "roles:relay", "grain")]
+    lines = ret["table"].splitlines()
+    assert lines[0].split()[:3] == ["relay", "proxy", "mark"]
+    assert [line.split()[0] for line in lines[2:]] == ["relay1", "relay2", "relay3"]
+    assert "did not answer" in lines[4]
+    assert ret["retcode"] == 1
+    assert runner.__context__["retcode"] == 1
+    assert ret["rows"]["relay3"] == "did not answer"
+    fleet.answers = {"relay1": {"ret": [status_row()], "retcode": 0}}
+    runner._targeted = lambda tgt, tgt_type: {"relay1"}
+    assert runner.status()["retcode"] == 0
