@@ -4,7 +4,7 @@ and texts, written by the engine as boot files (``persist.boot_files``)
 beside the restore script they run. One place for every line of them.
 
 - ``relayroute-<role>.service`` runs ``<dir>/<role>.restore`` at boot,
-  before the mail services start;
+  before the mail services start, in the watcher's sandbox (:data:`SANDBOX`);
 - ``relayroute-<role>-watch.service`` runs the watcher, ``<dir>/<role>.watch``
   (:data:`watcher.SCRIPT`), which runs the same restore script when the
   kernel loses part of it (README, "Between applies"), in a sandbox;
@@ -21,40 +21,10 @@ import os
 UNIT, LINK, SCRIPT = "unit", "link", "script"
 KINDS = (UNIT, LINK, SCRIPT)
 
-BOOT_UNIT = """\
-# Managed by Salt (relayroute): restores the {role} role's routing at boot.
-[Unit]
-Description=relayroute: restore the {role} role's policy routing and marks
-Documentation=file://{script}
-Wants=network-online.target
-After=network-online.target
-# Routing is in place before mail flows.
-Before=postfix.service haproxy.service
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/bin/sh {script}
-
-[Install]
-WantedBy={wanted_by}
-"""
-
-WATCH_UNIT = """\
-# Managed by Salt (relayroute): keeps the {role} role's routing in place between applies.
-[Unit]
-Description=relayroute: put the {role} role's policy routing back when the kernel loses it
-Documentation=file://{watcher}
-# The boot restore first: the watcher repairs what goes missing afterwards.
-After={boot_unit} network-online.target
-Wants=network-online.target
-StartLimitIntervalSec=0
-
-[Service]
-Type=simple
-ExecStart={shell} {watcher} -d {debounce} {script}
-Restart=always
-RestartSec=2
+# What both units run in: the restore script (and the watcher around it) as
+# root's uid with no capability but those the restore needs, read-only
+# everywhere but the lock's directory. One block, so the two never drift apart.
+SANDBOX = """\
 # The lock every apply holds (/run/relayroute/lock): kept when the unit stops,
 # so an apply in progress and a restarted watcher lock the same file.
 RuntimeDirectory=relayroute
@@ -91,7 +61,43 @@ SystemCallErrorNumber=EPERM
 # rtnetlink for ip and nf_tables; AF_INET for iptables-legacy's socket.
 RestrictAddressFamilies=AF_NETLINK AF_UNIX AF_INET AF_INET6
 # The restore writes net.* kernel parameters under /proc/sys: no ProtectKernelTunables.
+"""
 
+BOOT_UNIT = """\
+# Managed by Salt (relayroute): restores the {role} role's routing at boot.
+[Unit]
+Description=relayroute: restore the {role} role's policy routing and marks
+Documentation=file://{script}
+Wants=network-online.target
+After=network-online.target
+# Routing is in place before mail flows.
+Before=postfix.service haproxy.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh {script}
+{sandbox}
+[Install]
+WantedBy={wanted_by}
+"""
+
+WATCH_UNIT = """\
+# Managed by Salt (relayroute): keeps the {role} role's routing in place between applies.
+[Unit]
+Description=relayroute: put the {role} role's policy routing back when the kernel loses it
+Documentation=file://{watcher}
+# The boot restore first: the watcher repairs what goes missing afterwards.
+After={boot_unit} network-online.target
+Wants=network-online.target
+StartLimitIntervalSec=0
+
+[Service]
+Type=simple
+ExecStart={shell} {watcher} -d {debounce} {script}
+Restart=always
+RestartSec=2
+{sandbox}
 [Install]
 WantedBy={wanted_by}
 """
@@ -111,7 +117,7 @@ def watcher_path(directory, role):
 
 def boot_unit(role, script, wanted_by):
     """The boot unit's text: runs ``script`` (the role's restore script) once at boot."""
-    return BOOT_UNIT.format(role=role, script=script, wanted_by=wanted_by)
+    return BOOT_UNIT.format(role=role, script=script, wanted_by=wanted_by, sandbox=SANDBOX)
 
 
 def watch_unit(role, script, watcher, shell, debounce, wanted_by):
@@ -124,6 +130,7 @@ def watch_unit(role, script, watcher, shell, debounce, wanted_by):
         debounce=debounce,
         boot_unit=boot_unit_name(role),
         wanted_by=wanted_by,
+        sandbox=SANDBOX,
     )
 
 

@@ -136,23 +136,28 @@ class UnitLaunch:
         capabilities to withhold from the ambient, inheritable and bounding sets
         (a negative control).
         """
-        if self.user is None:
-            return list(self.command)
         ambient = sorted(self.ambient - set(without))
         bounding = sorted((self.bounding or self.ambient) - set(without))
 
         def caps(names):
             return ",".join(["-all", *(f"+{name.lower()[4:]}" for name in names)])
 
-        argv = [
-            "setpriv",
-            f"--reuid={self.user}",
-            f"--regid={self.group or self.user}",
-            "--init-groups",
-            f"--inh-caps={caps(ambient)}",
-            f"--ambient-caps={caps(ambient)}",
-            f"--bounding-set={caps(bounding)}",
-        ]
+        if self.user is None:
+            # Root's uid (relayroute's own units): what the command execs with
+            # is the bounding set, so that is all it has.
+            if not (self.bounding or self.no_new_privileges):
+                return list(self.command)
+            argv = ["setpriv", f"--bounding-set={caps(bounding)}"]
+        else:
+            argv = [
+                "setpriv",
+                f"--reuid={self.user}",
+                f"--regid={self.group or self.user}",
+                "--init-groups",
+                f"--inh-caps={caps(ambient)}",
+                f"--ambient-caps={caps(ambient)}",
+                f"--bounding-set={caps(bounding)}",
+            ]
         if self.no_new_privileges:
             argv.append("--no-new-privs")
         return [*argv, *self.command]

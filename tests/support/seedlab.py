@@ -324,14 +324,26 @@ class SeedLab:
         for unit in sorted((overlay / "systemd" / "system").glob("relayroute-*.service")):
             if unit.name.endswith("-watch.service"):
                 continue  # a long-running watcher, not part of the boot's restore
-            commands += exec_start(unit)
+            commands.append(unit_launch(unit))
         return commands
 
     def watch_commands(self, short):
         """The ExecStart of each relayroute watcher unit the host has (long-running)."""
         overlay = NETNS_ETC / self.hosts[short].name
         units = (overlay / "systemd" / "system").glob("relayroute-*-watch.service")
-        return [command for unit in sorted(units) for command in exec_start(unit)]
+        return [unit_launch(unit) for unit in sorted(units)]
+
+
+def unit_launch(unit):
+    """
+    A relayroute unit's ExecStart with the unit's own privileges (its
+    capability bounding set, NoNewPrivileges) under setpriv, read from the
+    unit file the formula wrote: the lab has no init system, and the restore
+    must work with what the unit gives it.
+    """
+    from tests.support.haproxy import UnitLaunch
+
+    return UnitLaunch.from_files(unit).argv()
 
 
 def exec_start(unit):

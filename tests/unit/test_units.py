@@ -11,6 +11,8 @@ settings (a call by hand) the units relayroute wrote are left as they are.
 """
 
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -98,6 +100,33 @@ def test_the_units_texts_are_the_boot_restore_and_the_sandboxed_watcher():
         "MemoryDenyWriteExecute=yes",
     ):
         assert f"\n{line}\n" in watch, line
+        # The boot restore runs what the watcher runs, with no more privileges.
+        assert f"\n{line}\n" in boot, line
+    assert units.SANDBOX in boot
+    assert units.SANDBOX in watch
+    assert "\nRuntimeDirectory=relayroute\n" in units.SANDBOX  # the lock's directory
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_analyze_verify_accepts_both_units(tmp_path):
+    """What systemd itself says of the units the engine writes (only silence passes)."""
+    script = tmp_path / "relay.restore"
+    script.write_text("#!/bin/sh\n")
+    names = [units.boot_unit_name("relay"), units.watch_unit_name("relay")]
+    (tmp_path / names[0]).write_text(units.boot_unit("relay", str(script), "multi-user.target"))
+    (tmp_path / names[1]).write_text(
+        units.watch_unit("relay", str(script), str(tmp_path / "relay.watch"), "/bin/bash", 0.2,
+                         "multi-user.target")
+    )  # fmt: skip
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *(str(tmp_path / name) for name in names)],
+        env={"SYSTEMD_UNIT_PATH": f"{tmp_path}:", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
 
 
 def test_an_apply_writes_the_units_once_and_a_no_op_writes_and_runs_nothing(tmp_path, calls):
