@@ -30,26 +30,24 @@ def _families(rule_or_route):
     return "IPv4" if rule_or_route.family == 4 else "IPv6"
 
 
+def _held(planned, held, origin, describe):
+    """Each planned item of ``origin`` as ``IPv4 <describe(item)> ok`` (or MISSING)."""
+    found = [
+        f"{_families(item)} {describe(item)} {'ok' if item.ident in held else 'MISSING'}"
+        for item in planned
+        if item.origin == origin
+    ]
+    return ", ".join(found) or "none planned"
+
+
 def _rule_state(plan, kernel, proxy):
     held = {rule.as_rule().ident for rule in kernel.rules}
-    found = []
-    for rule in plan.rules:
-        if rule.origin != f"proxies:{proxy.name}:priority":
-            continue
-        ok = rule.ident in held
-        found.append(f"{_families(rule)} {rule.priority} {'ok' if ok else 'MISSING'}")
-    return ", ".join(found) or "none planned"
+    return _held(plan.rules, held, f"proxies:{proxy.name}:priority", lambda r: r.priority)
 
 
 def _route_state(plan, kernel, proxy):
     held = {route.ident for route in kernel.routes}
-    found = []
-    for route in plan.routes:
-        if route.origin != f"proxies:{proxy.name}:table":
-            continue
-        ok = route.ident in held
-        found.append(f"{_families(route)} via {route.gateway} {'ok' if ok else 'MISSING'}")
-    return ", ".join(found) or "none planned"
+    return _held(plan.routes, held, f"proxies:{proxy.name}:table", lambda r: f"via {r.gateway}")
 
 
 def when(timestamp, now=None):
