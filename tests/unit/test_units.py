@@ -12,12 +12,12 @@ settings (a call by hand) the units relayroute wrote are left as they are.
 
 import os
 import shutil
-import subprocess
 
 import pytest
 
 from relayroute_core import engine, iptables, model, netlink, nftables, persist, planner, units
 from relayroute_core import watcher as watcher_script
+from tests.support.haproxy import systemd_verify
 from tests.unit.test_plan_iptables import seed_spec
 
 KERNEL = netlink.KernelState(
@@ -118,15 +118,7 @@ def test_systemd_analyze_verify_accepts_both_units(tmp_path):
         units.watch_unit("relay", str(script), str(tmp_path / "relay.watch"), "/bin/bash", 0.2,
                          "multi-user.target")
     )  # fmt: skip
-    proc = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", *(str(tmp_path / name) for name in names)],
-        env={"SYSTEMD_UNIT_PATH": f"{tmp_path}:", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+    assert systemd_verify(tmp_path, *names) == (0, "")
 
 
 def test_an_apply_writes_the_units_once_and_a_no_op_writes_and_runs_nothing(tmp_path, calls):
