@@ -775,6 +775,17 @@ def check(
     return result["summary"] if summary_only else result
 
 
+def _pillar_topology():
+    """
+    ``(config, topology)``: this minion's ``relayroute`` pillar and its
+    topology as the formula's states see it (:func:`validate_topology`, the
+    mine's records included when the pillar reads the mine), for the
+    read-only views that compare the kernel with it.
+    """
+    config = __pillar__.get("relayroute")  # noqa: F821 - injected by Salt's loader
+    return config, validate_topology(config, __grains__.get("id"))  # noqa: F821
+
+
 def status():
     """
     This relay's status, one row per proxy of the pillar's topology (and a
@@ -792,8 +803,7 @@ def status():
 
         salt -G roles:relay relayroute.status --out=table
     """
-    config = __pillar__.get("relayroute")  # noqa: F821 - injected by Salt's loader
-    result = validate_topology(config, __grains__.get("id"))  # noqa: F821
+    config, result = _pillar_topology()
     if result["errors"]:
         raise CommandExecutionError(
             "relayroute: the pillar does not validate: " + "; ".join(result["errors"])
@@ -845,8 +855,7 @@ def check_topology(textfile=None, retcode=True, summary_only=False):
         salt relay1 relayroute.check_topology \\
             textfile=/var/lib/prometheus/node-exporter/relayroute.prom
     """
-    config = __pillar__.get("relayroute")  # noqa: F821 - injected by Salt's loader
-    result = topology.topology(config, __grains__.get("id"))  # noqa: F821
+    _config, result = _pillar_topology()
     if result["errors"]:
         verdict = {
             "ok": False,
