@@ -203,7 +203,7 @@ def test_other_tools_tables_stay_byte_identical(loaders, relay_ns):
             **NFT, **{**ARGS, "proxies": {**PROXIES, **SECOND}}
         )
         assert "nftables" in changed["changes"]
-        assert ": jump mark-0xfa-0xff" in our_table(relay_ns)
+        assert "ct mark & 0x000000ff == 0x000000fa" in our_table(relay_ns)
         assert foreign() == before
         loaders.modules.relayroute.relay_remove(**NFT)
     assert foreign() == before

@@ -176,7 +176,8 @@ def test_package_installs_a_tree_that_loads_and_applies(spm, relay_ns, tmp_path)
         rules = relay_ns.ip("rule show").stdout
         assert "fwmark 0xfe/0xff lookup 1000254" in rules, rules
         # The example pillar names no backend: Debian's default (parameters/) is nftables.
-        assert "mark-0xfe" in relay_ns.exec("nft list table inet relayroute_relay").stdout
+        table = relay_ns.exec("nft list table inet relayroute_relay").stdout
+        assert "ct mark & 0x000000ff == 0x000000fe" in table, table
         assert "RELAYROUTE" not in relay_ns.exec("iptables-save -t mangle").stdout
     finally:
         shutil.rmtree(overlay, ignore_errors=True)

@@ -134,7 +134,9 @@ def test_nftables_holds_both_families_in_its_one_table():
     assert "ip6 saddr fe80::/10 return" in pre
     marking = next(i for i, rule in enumerate(pre) if rule.startswith("ether saddr"))
     assert pre.index("ip6 saddr fe80::/10 return") < marking
-    assert [i for i, rule in enumerate(pre) if rule.startswith("icmpv6 type {")][0] < marking
+    nd = [i for i, rule in enumerate(pre) if rule.startswith("icmpv6 type nd-")]
+    assert len(nd) == len(nftables.ND_TYPES)
+    assert max(nd) < marking
     # The proxy's divert is family-neutral: the same table for either VIP family.
     assert nftables.desired(proxy_plan((6,))) == nftables.desired(proxy_plan((4,)))
 
