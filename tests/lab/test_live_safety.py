@@ -11,7 +11,8 @@ import time
 import pytest
 
 from tests.lab import filters
-from tests.support import seedlab
+from tests.support import ctevents, seedlab
+from tests.support.ctevents import ConnmarkEvents
 from tests.support.hosts import plant_foreign_state
 from tests.support.seedlab import mail_direct, mail_via_vip, report, states_of
 from tests.support.smtphold import HeldSmtpSessions
@@ -84,8 +85,11 @@ def noop_tolerant_postfix(relays_postfix):
 
 
 def conntrack_flows(ns, state="ESTABLISHED"):
-    """A namespace's TCP flows in ``state`` (None: all), one dict each, original direction first."""
-    argv = ["conntrack", "-L", "-p", "tcp", *(["--state", state] if state else [])]
+    """
+    A namespace's TCP flows in ``state`` (None: all), one dict each, original
+    direction first, with the flow's conntrack ``id`` (as ``tests.support.ctevents`` has it).
+    """
+    argv = ["conntrack", "-L", "-p", "tcp", *(["--state", state] if state else []), "-o", "id"]
     flows = []
     for line in ns.exec(argv).stdout.splitlines():
         fields = {}
@@ -116,6 +120,14 @@ def smtp_retransmits(lab):
     return counts
 
 
+def _held_flow(flow, address):
+    """Whether a conntrack flow (listed or from events) is a held session's on ``address``."""
+    return (
+        flow.get("src") in (seedlab.EXTERNAL_MTA, seedlab.MAIL_CLIENT)
+        and flow.get("dst") == address
+    )
+
+
 def check_held_marks(lab, held, marks):
     """
     Every held session's flow in conntrack on its relay, with its mark: a
@@ -123,6 +135,8 @@ def check_held_marks(lab, held, marks):
     the proxy's mark on flows through the VIP. HAProxy connects to the relay
     from the client's address (usesrc clientip) but a port of its own, so those
     are matched by client address, relay and port: as many as are held there.
+    This is the moment of the listing; :func:`connmark_changes` sees every
+    moment in between.
     Returns the problems found (none: []) and what was seen per relay.
     """
     problems, seen = [], {}
@@ -130,11 +144,7 @@ def check_held_marks(lab, held, marks):
         ours = [
             r for r in held if r.get("stage") == "held" and r["spec"]["relay_address"] == address
         ]
-        flows = [
-            f
-            for f in conntrack_flows(lab.ns(name))
-            if f["src"] in (seedlab.EXTERNAL_MTA, seedlab.MAIL_CLIENT) and f["dst"] == address
-        ]
+        flows = [f for f in conntrack_flows(lab.ns(name)) if _held_flow(f, address)]
         direct = {f["sport"]: f for f in flows if f["src"] == seedlab.EXTERNAL_MTA}
         for r in (r for r in ours if r["spec"]["path"] == "direct"):
             flow = direct.pop(str(r["local"][1]), None)
@@ -161,6 +171,37 @@ def check_held_marks(lab, held, marks):
             key = f"{path} mark={flow['mark']}"
             seen[name][key] = seen[name].get(key, 0) + 1
     return problems, seen
+
+
+def connmark_changes(lab, events, marks):
+    """
+    From the kernel's conntrack events on the relays (``events``, listening
+    from before the sessions opened): every held session's flow that began
+    with the wrong mark or whose connmark changed at any moment, not only at
+    a listing. A connmark that went 0 for a few milliseconds and came back (a
+    table replaced under a busy flow, tests/functional/test_replace_race.py)
+    is seen here and by no listing but one made in those milliseconds.
+    A relay whose listener lost events is a problem too.
+    Returns ``(problems, flows followed)``.
+    """
+    problems, followed = [], 0
+    for name, address in lab.relay_addresses.items():
+        if not events.complete(name):
+            problems.append(f"{name}: conntrack events were lost (ENOBUFS)")
+        for ident, history in events.flows(name).items():
+            first = history[0][3]
+            if not _held_flow(first, address) or first.get("dport") not in ("25", "587"):
+                continue
+            want = marks["direct"] if first["src"] == seedlab.EXTERNAL_MTA else marks["vip"]
+            followed += 1
+            changes = ctevents.mark_changes(history)
+            if history[0][2] != want or changes:
+                problems.append(
+                    f"{name}: flow {ident} {first['src']}:{first['sport']} -> "
+                    f"{first['dst']}:{first['dport']} began with mark {history[0][2]} "
+                    f"(expected {want}), changes {changes}"
+                )
+    return problems, followed
 
 
 def window_counts(results, label):
@@ -197,14 +238,15 @@ def held_sessions_spec(lab):
 
 @pytest.mark.timeout(HELD_WINDOW_MAX + 600)
 def test_sessions_in_flight_survive_reapply_and_topology_changes(
-    applied, lab, salt_cli, set_pillar, pillar_data, noop_tolerant_postfix
+    applied, lab, salt_cli, set_pillar, pillar_data, noop_tolerant_postfix, tmp_path
 ):
     """
     120 sessions held open and kept busy (a NOOP every INTERVAL seconds each)
     while three highstates run: one that changes nothing, one adding a second
     master-relay, one removing it. No reply may fail or be late; after each
     highstate every session's flow carries the right mark in the relay's
-    conntrack; then every session delivers its message.
+    conntrack, and the kernel's conntrack events show no held flow's connmark
+    changing at any moment of the window; then every session delivers its message.
     """
     timeouts = applied["haproxy"].timeouts()
     assert min(timeouts["client"], timeouts["server"]) > HELD_WINDOW_MAX, timeouts
@@ -217,7 +259,13 @@ def test_sessions_in_flight_survive_reapply_and_topology_changes(
         ("second master-relay removed", pillar_data, True),
     ]
     sessions = held_sessions_spec(lab)
-    held = HeldSmtpSessions(lab.ns("client"), sessions, interval=INTERVAL, bound=REPLY_BOUND)
+    events = ConnmarkEvents({name: lab.ns(name) for name in lab.relay_addresses}, tmp_path)
+    events.start()
+    try:
+        held = HeldSmtpSessions(lab.ns("client"), sessions, interval=INTERVAL, bound=REPLY_BOUND)
+    except BaseException:
+        events.stop()
+        raise
     started = time.monotonic()
     steps, checks = [], []
 
@@ -244,9 +292,13 @@ def test_sessions_in_flight_survive_reapply_and_topology_changes(
             check(f"after {title}")
     finally:
         set_pillar(pillar_data)
-        results = held.finish()
-        window = time.monotonic() - started
-        held.close()
+        try:
+            results = held.finish()
+            window = time.monotonic() - started
+            held.close()
+        finally:
+            events.stop()
+    changed_marks, followed = connmark_changes(lab, events, marks)
 
     completed = [r for r in results if r and r["ok"]]
     lost = [r for r in results if r and r["stage"] == "noop"]
@@ -272,12 +324,16 @@ def test_sessions_in_flight_survive_reapply_and_topology_changes(
         f"a reply later than {REPLY_BOUND} s counts as lost; HAProxy timeouts client "
         f"{timeouts['client']:.0f} s, server {timeouts['server']:.0f} s",
         f"NOOPs answered: {answered}; sessions lost: {len(lost)}",
+        f"connmarks of held flows in the kernel's conntrack events, the whole window: "
+        f"{followed} flows followed, {len(changed_marks)} began wrong or changed",
         f"sessions completed with 250 after DATA: {len(completed)} of {len(sessions)} (direct "
         f"{sum(r['spec']['path'] == 'direct' for r in completed)}, through the VIP "
         f"{sum(r['spec']['path'] == 'vip' for r in completed)})",
     ])  # fmt: skip
     assert not lost, lost[:5]
     assert len(completed) == len(sessions), [r for r in results if not (r and r["ok"])][:5]
+    assert followed >= len(sessions), followed
+    assert not changed_marks, changed_marks[:5]
     for title, _status, problems, _seen, retransmits in checks:
         assert not problems, (title, problems)
         assert not any(retransmits.values()), (title, retransmits)
