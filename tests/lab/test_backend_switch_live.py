@@ -23,6 +23,7 @@ from tests.lab.test_live_safety import (
     INTERVAL,
     REPLY_BOUND,
     check_held_marks,
+    connmark_changes,
     conntrack_flows,
     highstate,
     noop_tolerant_postfix,  # noqa: F401 - a fixture
@@ -30,6 +31,7 @@ from tests.lab.test_live_safety import (
     window_counts,
 )
 from tests.support import seedlab
+from tests.support.ctevents import ConnmarkEvents
 from tests.support.seedlab import mail_direct, mail_via_vip, report
 from tests.support.smtphold import HeldSmtpSessions
 
@@ -140,7 +142,16 @@ def test_backend_switch_and_back_with_mail_flowing(
     to_iptables["relayroute"]["backend"] = "iptables"
     plan = [("to iptables", to_iptables, "iptables", "nftables"),
             ("back to nftables", pillar_data, "nftables", "iptables")]  # fmt: skip
-    held = HeldSmtpSessions(lab.ns("client"), held_spec(lab), interval=INTERVAL, bound=REPLY_BOUND)
+    # Every connmark of the held and the new sessions' flows, at every moment of both switches.
+    events = ConnmarkEvents({name: lab.ns(name) for name in lab.relay_addresses}, tmp_path)
+    events.start()
+    try:
+        held = HeldSmtpSessions(
+            lab.ns("client"), held_spec(lab), interval=INTERVAL, bound=REPLY_BOUND
+        )
+    except BaseException:
+        events.stop()
+        raise
     steps, new = [], None
     started = time.monotonic()
     switched = False
@@ -199,9 +210,13 @@ def test_backend_switch_and_back_with_mail_flowing(
                 set_pillar(pillar_data)
                 highstate(salt_cli, timeout=HIGHSTATE_TIMEOUT)
         finally:
-            results = held.finish()
-            window = time.monotonic() - started
-            held.close()
+            try:
+                results = held.finish()
+                window = time.monotonic() - started
+                held.close()
+            finally:
+                events.stop()
+    changed_marks, followed = connmark_changes(lab, events, marks)
 
     completed = [r for r in results if r and r["ok"]]
     lost = [r for r in results if r and r["stage"] == "noop"]
@@ -234,10 +249,14 @@ def test_backend_switch_and_back_with_mail_flowing(
         *lines,
         f"sessions held: {held.held}, {window:.0f} s, a NOOP every {INTERVAL} s each; lost "
         f"{len(lost)}; completed with 250 after DATA {len(completed)} of {len(held.sessions)}",
+        f"connmarks in the kernel's conntrack events, held and new sessions' flows, the whole "
+        f"window: {followed} flows followed, {len(changed_marks)} began wrong or changed",
     ])  # fmt: skip
     assert len(steps) == len(plan), [s["title"] for s in steps]
     assert not lost, lost[:5]
     assert len(completed) == len(held.sessions), [r for r in results if not (r and r["ok"])][:5]
+    assert followed >= len(held.sessions), followed
+    assert not changed_marks, changed_marks[:5]
     for step in steps:
         title = step["title"]
         failed = [s for s in step["sessions"] if not s["ok"]]
