@@ -46,7 +46,6 @@ RECOVERY_WAIT = 20.0
 # loss. SETTLE: how long after the path is back the sessions keep talking, so
 # that a session the bounce killed is counted (wider than REPLY_BOUND).
 INTERVAL, REPLY_BOUND, SETTLE = 0.3, 3.0, 5.0
-IDLE_WINDOW = 60.0
 # The longest a held session stays open here (opening, the bounce, the probe,
 # SETTLE, finishing): every idle timer on the way is wider (HAProxy's 10 m,
 # Postfix's smtpd_timeout 300 s, the NOOP bound per reply).
@@ -282,48 +281,3 @@ def test_link_bounce_is_repaired_by_the_watcher_and_not_without_it(
     assert changed[RELAY], changed
     assert positive["ok"], positive
     assert repaired == before
-
-
-def test_watcher_costs_nothing_while_idle(applied, lab, tmp_path):
-    """CPU time of the watcher (bash and its ip monitor) over IDLE_WINDOW s, and memory."""
-    watcher = Watcher(lab, tmp_path / "watch.log")
-    try:
-        time.sleep(1.0)
-        pids = watcher.pids()
-        assert len(pids) == 2, pids
-        ticks = os.sysconf("SC_CLK_TCK")
-
-        def cpu():
-            total = 0
-            for pid in pids:
-                with open(f"/proc/{pid}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime
-            return total
-
-        def rss():
-            kib = {}
-            for pid in pids:
-                with open(f"/proc/{pid}/status") as handle:
-                    for line in handle:
-                        if line.startswith(("Name:", "VmRSS:")):
-                            kib.setdefault(pid, []).append(line.split()[1])
-            return {f"{name} ({pid})": f"{size} KiB" for pid, (name, size) in kib.items()}
-
-        first, started = cpu(), time.monotonic()
-        time.sleep(IDLE_WINDOW)
-        used, window = cpu() - first, time.monotonic() - started
-        memory = rss()
-        alive = watcher.proc.poll() is None
-    finally:
-        watcher.stop()
-    report(
-        "the watcher, idle",
-        [
-            f"CPU over {window:.0f} s: {used} ticks of 1/{ticks} s "
-            f"({used / ticks * 1000:.0f} ms; {used / ticks / window * 3600:.1f} s per hour)",
-            f"resident memory: {memory}",
-        ],
-    )
-    assert alive
-    assert used / ticks < 0.05, used
