@@ -27,11 +27,11 @@ from tests.lab.test_live_safety import (
     conntrack_flows,
     highstate,
     noop_tolerant_postfix,  # noqa: F401 - a fixture
+    relay_connmarks,
     smtp_retransmits,
     window_counts,
 )
 from tests.support import seedlab
-from tests.support.ctevents import ConnmarkEvents
 from tests.support.seedlab import mail_direct, mail_via_vip, report
 from tests.support.smtphold import HeldSmtpSessions
 
@@ -143,79 +143,74 @@ def test_backend_switch_and_back_with_mail_flowing(
     plan = [("to iptables", to_iptables, "iptables", "nftables"),
             ("back to nftables", pillar_data, "nftables", "iptables")]  # fmt: skip
     # Every connmark of the held and the new sessions' flows, at every moment of both switches.
-    events = ConnmarkEvents({name: lab.ns(name) for name in lab.relay_addresses}, tmp_path)
-    events.start()
-    try:
+    with relay_connmarks(lab, tmp_path) as events:
         held = HeldSmtpSessions(
             lab.ns("client"), held_spec(lab), interval=INTERVAL, bound=REPLY_BOUND
         )
-    except BaseException:
-        events.stop()
-        raise
-    steps, new = [], None
-    started = time.monotonic()
-    switched = False
-    try:
-        assert held.held == len(held.sessions), [r for r in held.opened if r["stage"] != "held"]
-        for opened in held.opened:
-            # Through the VIP, the relay that answered is the one HAProxy chose.
-            opened["spec"]["relay_address"] = lab.relay_addresses[opened["relay"]]
-        problems, _seen = check_held_marks(lab, held.opened, marks)
-        assert not problems, problems
-        for title, pillar, backend, old in plan:
-            switched = True
-            set_pillar(pillar)
-            new = NewSessions(
-                lab.ns("client"), new_targets(lab), NEW_EVERY, HIGHSTATE_TIMEOUT, NEW_TIMEOUT,
-                stop_file=tmp_path / f"stop {title}",
-            )  # fmt: skip
-            held.window(title)
-            began = time.monotonic()
-            changed = highstate(salt_cli, timeout=HIGHSTATE_TIMEOUT)
-            took = time.monotonic() - began
-            new.stop()
-            sessions = new.results()
-            held.window(f"after {title}")
-            status = held.status()
-            held_problems, seen = check_held_marks(lab, held.opened, marks)
-            retransmits = smtp_retransmits(lab)
-            holding = {name: filters.holding(lab.ns(name), role) for name, role in ROLES.items()}
-            left = leftovers(lab, old)
-            tables = {name: filters.relayroute_tables(lab.ns(name)) for name in ROLES}
-            chains = {
-                name: "RELAYROUTE" in lab.ns(name).exec("iptables-save").stdout for name in ROLES
-            }
-            mail_problems, new_marks = mail_both_ways(lab, mark)
-            steps.append({
-                "title": title, "took": took, "changed": changed, "sessions": sessions,
-                "status": status, "held_problems": held_problems, "seen": seen,
-                "retransmits": retransmits, "holding": holding, "left": left,
-                "tables": tables, "chains": chains, "mail_problems": mail_problems,
-                "new_marks": new_marks, "backend": backend,
-            })  # fmt: skip
-            assert all(changed[name] for name in ROLES), changed
-            assert holding == {name: [backend] for name in ROLES}, holding
-            assert not left, left
-            if backend == "iptables":
-                assert not any(tables.values()), tables
-            else:
-                assert not any(chains.values()), chains
-            switched = backend != default
-    finally:
+        steps, new = [], None
+        started = time.monotonic()
+        switched = False
         try:
-            if new is not None:
-                new.kill()
-            # The lab's own pillar and backend for the package's other tests.
-            if switched:
-                set_pillar(pillar_data)
-                highstate(salt_cli, timeout=HIGHSTATE_TIMEOUT)
+            assert held.held == len(held.sessions), [r for r in held.opened if r["stage"] != "held"]
+            for opened in held.opened:
+                # Through the VIP, the relay that answered is the one HAProxy chose.
+                opened["spec"]["relay_address"] = lab.relay_addresses[opened["relay"]]
+            problems, _seen = check_held_marks(lab, held.opened, marks)
+            assert not problems, problems
+            for title, pillar, backend, old in plan:
+                switched = True
+                set_pillar(pillar)
+                new = NewSessions(
+                    lab.ns("client"), new_targets(lab), NEW_EVERY, HIGHSTATE_TIMEOUT, NEW_TIMEOUT,
+                    stop_file=tmp_path / f"stop {title}",
+                )  # fmt: skip
+                held.window(title)
+                began = time.monotonic()
+                changed = highstate(salt_cli, timeout=HIGHSTATE_TIMEOUT)
+                took = time.monotonic() - began
+                new.stop()
+                sessions = new.results()
+                held.window(f"after {title}")
+                status = held.status()
+                held_problems, seen = check_held_marks(lab, held.opened, marks)
+                retransmits = smtp_retransmits(lab)
+                holding = {
+                    name: filters.holding(lab.ns(name), role) for name, role in ROLES.items()
+                }
+                left = leftovers(lab, old)
+                tables = {name: filters.relayroute_tables(lab.ns(name)) for name in ROLES}
+                chains = {
+                    name: "RELAYROUTE" in lab.ns(name).exec("iptables-save").stdout
+                    for name in ROLES
+                }
+                mail_problems, new_marks = mail_both_ways(lab, mark)
+                steps.append({
+                    "title": title, "took": took, "changed": changed, "sessions": sessions,
+                    "status": status, "held_problems": held_problems, "seen": seen,
+                    "retransmits": retransmits, "holding": holding, "left": left,
+                    "tables": tables, "chains": chains, "mail_problems": mail_problems,
+                    "new_marks": new_marks, "backend": backend,
+                })  # fmt: skip
+                assert all(changed[name] for name in ROLES), changed
+                assert holding == {name: [backend] for name in ROLES}, holding
+                assert not left, left
+                if backend == "iptables":
+                    assert not any(tables.values()), tables
+                else:
+                    assert not any(chains.values()), chains
+                switched = backend != default
         finally:
             try:
+                if new is not None:
+                    new.kill()
+                # The lab's own pillar and backend for the package's other tests.
+                if switched:
+                    set_pillar(pillar_data)
+                    highstate(salt_cli, timeout=HIGHSTATE_TIMEOUT)
+            finally:
                 results = held.finish()
                 window = time.monotonic() - started
                 held.close()
-            finally:
-                events.stop()
     changed_marks, followed = connmark_changes(lab, events, marks)
 
     completed = [r for r in results if r and r["ok"]]

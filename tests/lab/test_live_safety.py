@@ -173,6 +173,14 @@ def check_held_marks(lab, held, marks):
     return problems, seen
 
 
+def relay_connmarks(lab, directory):
+    """
+    The relays' conntrack event listeners (:class:`ConnmarkEvents`), to start
+    with ``with`` before the sessions open and to stop after they end.
+    """
+    return ConnmarkEvents({name: lab.ns(name) for name in lab.relay_addresses}, directory)
+
+
 def connmark_changes(lab, events, marks):
     """
     From the kernel's conntrack events on the relays (``events``, listening
@@ -259,45 +267,37 @@ def test_sessions_in_flight_survive_reapply_and_topology_changes(
         ("second master-relay removed", pillar_data, True),
     ]
     sessions = held_sessions_spec(lab)
-    events = ConnmarkEvents({name: lab.ns(name) for name in lab.relay_addresses}, tmp_path)
-    events.start()
-    try:
+    with relay_connmarks(lab, tmp_path) as events:
         held = HeldSmtpSessions(lab.ns("client"), sessions, interval=INTERVAL, bound=REPLY_BOUND)
-    except BaseException:
-        events.stop()
-        raise
-    started = time.monotonic()
-    steps, checks = [], []
+        started = time.monotonic()
+        steps, checks = [], []
 
-    def check(title):
-        status = held.status()
-        problems, seen = check_held_marks(lab, held.opened, marks)
-        checks.append((title, status, problems, seen, smtp_retransmits(lab)))
+        def check(title):
+            status = held.status()
+            problems, seen = check_held_marks(lab, held.opened, marks)
+            checks.append((title, status, problems, seen, smtp_retransmits(lab)))
 
-    try:
-        assert held.held == len(sessions), [r for r in held.opened if r.get("stage") != "held"]
-        for opened in held.opened:
-            # Through the VIP, the relay that answered is the one HAProxy chose.
-            opened["spec"]["relay_address"] = lab.relay_addresses[opened["relay"]]
-        check("held, before any apply")
-        for title, pillar, changes in plan:
-            set_pillar(pillar)
-            held.window(title)
-            began = time.monotonic()
-            changed = highstate(salt_cli, timeout=HIGHSTATE_TIMEOUT)
-            steps.append((title, time.monotonic() - began, changed))
-            held.window(f"after {title}")
-            if changes:
-                assert all(changed[name] for name in lab.relay_addresses), changed
-            check(f"after {title}")
-    finally:
-        set_pillar(pillar_data)
         try:
+            assert held.held == len(sessions), [r for r in held.opened if r.get("stage") != "held"]
+            for opened in held.opened:
+                # Through the VIP, the relay that answered is the one HAProxy chose.
+                opened["spec"]["relay_address"] = lab.relay_addresses[opened["relay"]]
+            check("held, before any apply")
+            for title, pillar, changes in plan:
+                set_pillar(pillar)
+                held.window(title)
+                began = time.monotonic()
+                changed = highstate(salt_cli, timeout=HIGHSTATE_TIMEOUT)
+                steps.append((title, time.monotonic() - began, changed))
+                held.window(f"after {title}")
+                if changes:
+                    assert all(changed[name] for name in lab.relay_addresses), changed
+                check(f"after {title}")
+        finally:
+            set_pillar(pillar_data)
             results = held.finish()
             window = time.monotonic() - started
             held.close()
-        finally:
-            events.stop()
     changed_marks, followed = connmark_changes(lab, events, marks)
 
     completed = [r for r in results if r and r["ok"]]

@@ -69,7 +69,10 @@ def mark_changes(events):
 
 
 class ConnmarkEvents:
-    """``conntrack -E`` for TCP in each of ``namespaces`` (``{name: Netns}``), to ``directory``."""
+    """
+    ``conntrack -E`` for TCP in each of ``namespaces`` (``{name: Netns}``), to
+    ``directory``; ``with`` starts the listeners (:meth:`start`) and stops them.
+    """
 
     def __init__(self, namespaces, directory):
         self.namespaces = dict(namespaces)
@@ -129,6 +132,12 @@ class ConnmarkEvents:
     def complete(self, name):
         """Whether every event reached the listener (the kernel reported no loss)."""
         return LOST not in self.text(name)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
 
     def stop(self):
         for proc in self.procs.values():
