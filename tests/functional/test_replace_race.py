@@ -28,9 +28,10 @@ import time
 
 import pytest
 
-from relayroute_core import engine, model, planner
+from relayroute_core import engine, planner
 from tests.support.ctevents import ConnmarkEvents, mark_changes
 from tests.support.netns import mac_of, veth
+from tests.support.specs import seed_spec
 from tests.support.tcp import start_server
 
 pytestmark = pytest.mark.root
@@ -82,27 +83,6 @@ BUSY_CLIENTS = textwrap.dedent(
 )
 
 
-def relay_plan(proxy_mac, second=False):
-    proxies = {
-        "master-relay": {
-            "address": PROXY,
-            "mac": proxy_mac,
-            "mark": MARK,
-            "table": 1000254,
-            "priority": 1000,
-        }
-    }
-    if second:
-        proxies["master-relay-2"] = {
-            "address": "192.0.2.3",
-            "mac": "02:00:c0:00:02:03",
-            "mark": 0xFA,
-            "table": 1000250,
-            "priority": 1001,
-        }
-    return planner.relay_plan(model.relay_spec(["192.0.2.0/24"], 0xFF, proxies))
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_busy_flows_keep_their_connmark_while_the_table_is_replaced(make_netns, tmp_path, backend):
@@ -117,12 +97,13 @@ def test_busy_flows_keep_their_connmark_while_the_table_is_replaced(make_netns, 
     proxy.ip(f"addr add {PROXY}/24 dev eth0")
     proxy.ip(f"addr add {CLIENT}/32 dev lo")
     relay.ip(f"route add default via {PROXY}")
-    one, two = relay_plan(mac_of(proxy, "eth0")), relay_plan(mac_of(proxy, "eth0"), True)
+    mac = mac_of(proxy, "eth0")
+    one = planner.relay_plan(seed_spec(mark=MARK, mac=mac))
+    two = planner.relay_plan(seed_spec(second=True, mark=MARK, mac=mac))
     with relay.entered():
         rules.apply(rules.transaction(one, rules.read()))
 
-    events = ConnmarkEvents({"relay": relay}, tmp_path).start()
-    try:
+    with ConnmarkEvents({"relay": relay}, tmp_path) as events:
         start_server(relay, RELAY, PORT)
         clients = proxy.popen(
             ["python3", "-u", "-c", BUSY_CLIENTS, str(FLOWS), RELAY, str(PORT), CLIENT,
@@ -139,8 +120,6 @@ def test_busy_flows_keep_their_connmark_while_the_table_is_replaced(make_netns, 
         clients.stdin.close()
         counts = [int(n) for n in clients.stdout.readline().split()]
         assert clients.wait(timeout=REPLY_TIMEOUT + 30) == 0
-    finally:
-        events.stop()
 
     flows = {
         ident: history

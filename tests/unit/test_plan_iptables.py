@@ -1,31 +1,7 @@
 """Planning and the iptables backend's rendering and transactions: pure, no root."""
 
 from relayroute_core import iptables, model, planner
-
-MAC = "02:00:c0:00:02:02"
-MAC2 = "02:00:c0:00:02:03"
-
-
-def seed_spec(second=False):
-    proxies = {
-        "master-relay": {
-            "address": "192.0.2.2",
-            "mac": MAC,
-            "mark": 254,
-            "table": 1000254,
-            "priority": 1000,
-        }
-    }
-    if second:
-        proxies["master-relay-2"] = {
-            "address": "192.0.2.3",
-            "mac": MAC2,
-            "mark": 250,
-            "table": 1000250,
-            "priority": 1001,
-        }
-    return model.relay_spec(["192.0.2.0/24"], 0xFF, proxies)
-
+from tests.support.specs import MAC, MAC2, seed_spec
 
 # The seed's rules, with relayroute's masks and own chains.
 SEED_LINES = [

@@ -10,9 +10,7 @@ import json
 import pytest
 
 from relayroute_core import engine, iptables, model, netlink, nftables, persist, planner, topology
-
-MAC = "02:00:c0:00:02:02"
-MAC2 = "02:00:c0:00:02:03"
+from tests.support.specs import MAC, MAC2, seed_spec
 
 # nft -j list table inet relayroute_relay, after applying the seed's plan.
 KERNEL_RELAY = """\
@@ -136,27 +134,6 @@ KERNEL_PROXY = """\
 {"return": null}]}}, {"rule": {"family": "inet", "table": "relayroute_proxy", "chain":
 "socket-DIVERT", "handle": 8, "expr": [{"jump": {"target": "DIVERT"}}]}}]}
 """
-
-
-def seed_spec(second=False, mask=0xFF, mark=254):
-    proxies = {
-        "master-relay": {
-            "address": "192.0.2.2",
-            "mac": MAC,
-            "mark": mark,
-            "table": 1000254,
-            "priority": 1000,
-        }
-    }
-    if second:
-        proxies["master-relay-2"] = {
-            "address": "192.0.2.3",
-            "mac": MAC2,
-            "mark": 250,
-            "table": 1000250,
-            "priority": 1001,
-        }
-    return model.relay_spec(["192.0.2.0/24"], mask, proxies)
 
 
 def kernel_ruleset(relay=KERNEL_RELAY, proxy=None):
