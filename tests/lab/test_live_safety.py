@@ -85,11 +85,8 @@ def noop_tolerant_postfix(relays_postfix):
 
 
 def conntrack_flows(ns, state="ESTABLISHED"):
-    """
-    A namespace's TCP flows in ``state`` (None: all), one dict each, original
-    direction first, with the flow's conntrack ``id`` (as ``tests.support.ctevents`` has it).
-    """
-    argv = ["conntrack", "-L", "-p", "tcp", *(["--state", state] if state else []), "-o", "id"]
+    """A namespace's TCP flows in ``state`` (None: all), one dict each, original direction first."""
+    argv = ["conntrack", "-L", "-p", "tcp", *(["--state", state] if state else [])]
     flows = []
     for line in ns.exec(argv).stdout.splitlines():
         fields = {}

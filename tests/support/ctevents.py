@@ -11,8 +11,7 @@ not. The kernel gives a flow its event record when the flow begins, and
 only while someone listens: the listeners must be subscribed before the
 flows open (:meth:`ConnmarkEvents.start` waits for that).
 
-A flow is known by its conntrack id (``-o id``), which a listing made with
-``conntrack_flows`` carries too.
+A flow is known by its conntrack id (``-o id``), the same for all its events.
 """
 
 import os
