@@ -212,10 +212,14 @@ class HAProxyProcess:
     def start(self, timeout=10):
         """Start the master; return once a worker runs (listeners are bound then)."""
         with open(self.log_path, "ab") as log:
+            # From /, as systemd starts a unit (WorkingDirectory= unset): an
+            # HAProxy that drops to its own user must be able to return to
+            # its working directory, and a checkout under /root is not.
             self.proc = self.ns.popen(
                 self.argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                cwd="/",
             )
         if not self._wait_for(lambda: self.workers(), timeout):
             self.stop()
