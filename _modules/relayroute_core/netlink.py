@@ -19,12 +19,15 @@ from . import lazy, sysctl
 from .planner import Route, Rule
 
 # pyroute2's package __init__ imports every subsystem of the library (0.1 s):
-# rtnetlink's modules alone, conntrack's on its first use (lazy.py).
+# reads take rtnetlink's message classes alone (rtnl.py); IPRoute (writes,
+# links with their MACs) and conntrack are imported on their first use (lazy.py).
 lazy.deferred_package("pyroute2")
 try:
-    from pyroute2.iproute.linux import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
+    from .rtnl import Reader
+
+    IPRoute = lazy.attribute("pyroute2.iproute.linux", "IPRoute")
     Conntrack = lazy.attribute("pyroute2.conntrack", "Conntrack")
     HAS_PYROUTE2 = True
 except ImportError:  # pragma: no cover - reported by __virtual__
@@ -43,8 +46,6 @@ NUD_INCOMPLETE = 0x01
 NUD_FAILED = 0x20
 NUD_NOARP = 0x40
 NUD_UNUSABLE = NUD_INCOMPLETE | NUD_FAILED | NUD_NOARP
-# rtm_flags of a route get: report the table the answer came from, not 254.
-RTM_F_LOOKUP_TABLE = 0x1000
 # rtm_flags of IPv6's cached clones in a route dump: no route of a table's.
 RTM_F_CLONED = 0x200
 MAIN_TABLE = 254
@@ -173,9 +174,9 @@ def _route_from_msg(msg, ifnames):
 def _outside_event_loop(func, *args, **kwargs):
     """
     Run ``func`` here, or in a worker thread when this thread runs an asyncio
-    event loop: pyroute2's synchronous API drives a loop of its own, and fails
-    with "This event loop is already running" inside one (a beacon or an
-    engine runs in the minion's main process, which runs Salt's loop).
+    event loop: pyroute2's synchronous ``IPRoute`` drives a loop of its own,
+    and fails with "This event loop is already running" inside one (a beacon
+    or an engine runs in the minion's main process, which runs Salt's loop).
     """
     try:
         asyncio.get_running_loop()
@@ -185,11 +186,20 @@ def _outside_event_loop(func, *args, **kwargs):
         return pool.submit(func, *args, **kwargs).result()
 
 
-def _wrap(what):
+def _wrap(what, event_loop=False):
+    """
+    Failures of the netlink requests of the decorated function raise
+    :class:`NetlinkOpError` prefixed with ``what``. ``event_loop``: the
+    function uses ``IPRoute``, run it outside a running asyncio loop; the
+    readers (:class:`rtnl.Reader`) run no loop and run where they are called.
+    """
+
     def decorate(func):
         def inner(*args, **kwargs):
             try:
-                return _outside_event_loop(func, *args, **kwargs)
+                if event_loop:
+                    return _outside_event_loop(func, *args, **kwargs)
+                return func(*args, **kwargs)
             except NetlinkError as err:
                 raise NetlinkOpError(f"{what}: {err}") from err
 
@@ -200,19 +210,19 @@ def _wrap(what):
     return decorate
 
 
-def _own_interfaces(ipr, family):
+def _own_interfaces(rtnl, family):
     """The host's addresses of ``family`` as interface objects, with their link's index."""
     found = []
-    for msg in ipr.get_addr(family=family.af):
+    for msg in rtnl.addresses(family.af):
         address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
         found.append((family.interface(f"{address}/{msg['prefixlen']}"), msg["index"]))
     return found
 
 
-def _main_default(ipr, family):
+def _main_default(rtnl, family):
     """The main table's default route of ``family``: ``(present, interface index or None)``."""
-    for msg in ipr.get_routes(family=family.af, table=MAIN_TABLE):
-        if not msg["dst_len"] and (msg.get("RTA_TABLE") or msg["table"]) == MAIN_TABLE:
+    for msg in rtnl.routes(family.af):
+        if not msg["dst_len"] and _table(msg) == MAIN_TABLE and not msg["flags"] & RTM_F_CLONED:
             return True, msg.get("RTA_OIF") if msg["type"] == RTN_UNICAST else None
     return False, None
 
@@ -234,15 +244,13 @@ def read():
     Routes of the local, main and default tables are left out, but for the
     main table's default route of each family (its interface).
     """
-    with IPRoute() as ipr:
-        ifnames = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
-        rule_msgs = _ours(ipr.get_rules(family=socket.AF_UNSPEC))
+    with Reader() as rtnl:
+        ifnames = rtnl.links()
+        rule_msgs = _ours(rtnl.rules(socket.AF_UNSPEC))
         route_msgs = [
-            msg
-            for msg in _ours(ipr.route("dump", family=socket.AF_UNSPEC))
-            if not msg["flags"] & RTM_F_CLONED
+            msg for msg in _ours(rtnl.routes(socket.AF_UNSPEC)) if not msg["flags"] & RTM_F_CLONED
         ]
-        addr_msgs = _ours(ipr.get_addr(family=socket.AF_UNSPEC))
+        addr_msgs = _ours(rtnl.addresses(socket.AF_UNSPEC))
     routes = tuple(
         _route_from_msg(msg, ifnames) for msg in route_msgs if _table(msg) not in (253, 254, 255)
     )
@@ -275,7 +283,7 @@ def read():
     )
 
 
-@_wrap("reading the host's addresses over netlink")
+@_wrap("reading the host's addresses over netlink", event_loop=True)
 def host_addresses():
     """
     ``[(address, prefixlen, interface name, interface MAC)]``: every address
@@ -402,15 +410,10 @@ def _own_address_towards(networks, gateway):
     return None
 
 
-def _route_get(ipr, lookup, src):
+def _route_get(rtnl, lookup, src):
     family = families.BY_VERSION[lookup.family]
-    args = {"dst": lookup.dst, "family": family.af, "flags": RTM_F_LOOKUP_TABLE}
-    if lookup.mark:
-        args["mark"] = lookup.mark
-    if src:
-        args["src"] = src
     try:
-        msg = ipr.route("get", **args)[0]
+        msg = rtnl.route_get(family.af, lookup.dst, mark=lookup.mark, src=src)
     except NetlinkError as err:
         return (lookup, src, None, None, err.args[1] if len(err.args) > 1 else str(err))
     return (lookup, src, msg.get("RTA_TABLE") or msg["table"], msg.get("RTA_GATEWAY"), None)
@@ -428,19 +431,19 @@ def route_lookups(lookups):
     answers = []
     if not lookups:
         return answers
-    with IPRoute() as ipr:
+    with Reader() as rtnl:
         main_default, networks = {}, []
         for version in sorted({lookup.family for lookup in lookups}):
             family = families.BY_VERSION[version]
-            main_default[version] = _main_default(ipr, family)[0]
-            networks += [interface for interface, _index in _own_interfaces(ipr, family)]
+            main_default[version] = _main_default(rtnl, family)[0]
+            networks += [interface for interface, _index in _own_interfaces(rtnl, family)]
         for lookup in lookups:
             if lookup.if_main_default and not main_default[lookup.family]:
                 continue
-            answers.append(_route_get(ipr, lookup, None))
+            answers.append(_route_get(rtnl, lookup, None))
             src = _own_address_towards(networks, lookup.gateway) if lookup.from_own else None
             if src:
-                answers.append(_route_get(ipr, lookup, src))
+                answers.append(_route_get(rtnl, lookup, src))
     return answers
 
 
@@ -456,10 +459,10 @@ def _same(a, b):
     return families.parse_address(a) == families.parse_address(b)
 
 
-def _neighbour_mac(ipr, address):
+def _neighbour_mac(rtnl, address):
     family = families.of(address)
-    for msg in ipr.get_neighbours(family=family.af, dst=address):
-        if msg.get("NDA_DST") and not _same(msg.get("NDA_DST"), address):
+    for msg in rtnl.neighbours(family.af):
+        if not msg.get("NDA_DST") or not _same(msg.get("NDA_DST"), address):
             continue
         mac = _usable_mac(msg)
         if mac:
@@ -478,9 +481,9 @@ def neighbour_macs(addresses):
     if not wanted:
         return wanted
     by_ip = {families.parse_address(address): address for address in wanted}
-    with IPRoute() as ipr:
+    with Reader() as rtnl:
         for family in sorted({families.of(address) for address in wanted}, key=_order):
-            for msg in ipr.get_neighbours(family=family.af):
+            for msg in rtnl.neighbours(family.af):
                 dst, mac = msg.get("NDA_DST"), _usable_mac(msg)
                 address = by_ip.get(families.parse_address(dst)) if dst else None
                 if address is not None and mac:
@@ -502,8 +505,8 @@ def lookup_mac(address, resolve=True, timeout=3.0):
     cannot be found.
     """
     family = families.of(address)
-    with IPRoute() as ipr:
-        mac = _neighbour_mac(ipr, address)
+    with Reader() as rtnl:
+        mac = _neighbour_mac(rtnl, address)
         if mac or not resolve:
             return mac
         deadline = time.monotonic() + timeout
@@ -514,7 +517,7 @@ def lookup_mac(address, resolve=True, timeout=3.0):
                 return None
             while time.monotonic() < deadline:
                 time.sleep(0.05)
-                mac = _neighbour_mac(ipr, address)
+                mac = _neighbour_mac(rtnl, address)
                 if mac:
                     return mac
     return None
@@ -554,7 +557,7 @@ class Flow:
         )
 
 
-@_wrap("dumping conntrack over netlink")
+@_wrap("dumping conntrack over netlink", event_loop=True)
 def flows(mark_mask=0xFFFFFFFF, port=None):
     """Conntrack entries (TCP/UDP, both families), with their connmark under ``mark_mask``."""
     names = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}

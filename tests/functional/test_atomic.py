@@ -8,8 +8,9 @@ backend); the kernel state they act on is real.
 import sys
 
 import pytest
-from pyroute2 import AsyncIPRoute, IPRoute
+from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.fibmsg import fibmsg
 
 from tests.functional.test_relay import ARGS, PROXIES, SECOND
 from tests.support.hosts import plant_foreign_state
@@ -104,15 +105,14 @@ def test_kernel_without_rule_protocols_keeps_ownership_in_memory(
     """
     plant_foreign_state(relay_ns)
     before = relay_ns.snapshot()
-    dump = IPRoute.__getattr__
+    decode = fibmsg.decode
 
-    def rules_without_protocol(self, family=None, **kwargs):
-        msgs = list(dump(self, "get_rules")(family=family, **kwargs))
-        for msg in msgs:
-            msg["attrs"] = [attr for attr in msg["attrs"] if attr[0] != "FRA_PROTOCOL"]
-        return msgs
+    def decode_without_protocol(self):
+        # Every rule message relayroute reads is a fibmsg decoded here.
+        decode(self)
+        self["attrs"] = [attr for attr in self["attrs"] if attr[0] != "FRA_PROTOCOL"]
 
-    monkeypatch.setattr(IPRoute, "get_rules", rules_without_protocol, raising=False)
+    monkeypatch.setattr(fibmsg, "decode", decode_without_protocol)
     persist = str(tmp_path / "relayroute")
     both = {**ARGS, "proxies": {**PROXIES, **SECOND}}
     with relay_ns.entered():

@@ -153,7 +153,7 @@ def test_neighbour_entries_without_a_usable_mac_are_skipped(state, usable):
     assert netlink._usable_mac(msg) == (MAC if usable else None)
 
 
-class FakeIPRoute:
+class FakeReader:
     """Neighbour tables per family (netlink's), and the families asked about."""
 
     def __init__(self, tables):
@@ -165,25 +165,24 @@ class FakeIPRoute:
     def __exit__(self, *exc):
         return False
 
-    def get_neighbours(self, family, dst=None):
+    def neighbours(self, family):
         self.asked.append(family)
         return [
             Msg({"state": 0x02}, {"NDA_DST": address, "NDA_LLADDR": mac})
             for address, mac in self.tables.get(family, {}).items()
-            if dst is None or dst == address
         ]
 
 
 def test_each_address_is_looked_up_in_its_familys_neighbour_table(monkeypatch):
     other = "02:00:c0:00:02:99"
-    fake = FakeIPRoute(
+    fake = FakeReader(
         {
             socket.AF_INET: {"192.0.2.2": MAC},
             # The kernel prints an address compressed; the input may not be.
             socket.AF_INET6: {"2001:db8:2::2": other},
         }
     )
-    monkeypatch.setattr(netlink, "IPRoute", lambda: fake)
+    monkeypatch.setattr(netlink, "Reader", lambda: fake)
     found = netlink.neighbour_macs(["192.0.2.2", "2001:db8:2:0::2", "2001:db8:2::3"])
     assert found == {"192.0.2.2": MAC, "2001:db8:2:0::2": other, "2001:db8:2::3": None}
     assert fake.asked == [socket.AF_INET, socket.AF_INET6]
@@ -505,10 +504,10 @@ class FakeDump:
     def __exit__(self, *exc):
         return False
 
-    def get_links(self):
-        return [{"index": 1, "IFLA_IFNAME": "lo"}, Msg({"index": 2}, {"IFLA_IFNAME": "eth0"})]
+    def links(self):
+        return {1: "lo", 2: "eth0"}
 
-    def get_rules(self, family):
+    def rules(self, family):
         self.asked.append(("rules", family))
         return [
             rule_msg(IPV4, 1000, 1000254),
@@ -516,7 +515,7 @@ class FakeDump:
             Msg({"family": 128}, {}),  # IPMR's: another family's, skipped
         ]
 
-    def route(self, command, family):
+    def routes(self, family):
         self.asked.append(("routes", family))
         main = {"table": 254, "proto": 3, "type": 1, "dst_len": 0, "flags": 0}
         return [
@@ -527,7 +526,7 @@ class FakeDump:
             Msg({**main, "family": 28}, {}),  # MPLS'
         ]
 
-    def get_addr(self, family):
+    def addresses(self, family):
         self.asked.append(("addresses", family))
         return [
             Msg({"family": IPV4.af, "prefixlen": 8, "index": 1}, {"IFA_LOCAL": "127.0.0.1"}),
@@ -538,7 +537,7 @@ class FakeDump:
 
 def test_one_dump_of_each_kind_reads_both_families(monkeypatch):
     fake = FakeDump()
-    monkeypatch.setattr(netlink, "IPRoute", lambda: fake)
+    monkeypatch.setattr(netlink, "Reader", lambda: fake)
     state = netlink.read()
     assert fake.asked == [
         ("rules", socket.AF_UNSPEC),
