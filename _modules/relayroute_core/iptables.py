@@ -34,17 +34,15 @@ one process, as before; a dual-stack one two. The :class:`Ruleset` records
 which families were read.
 """
 
-import errno
 import os
 import shutil
-import socket
-import struct
 import subprocess
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from . import family, planner
+from . import family, nftview, planner
+from .persist import DEFAULT_LOCK
 
 NAME = "iptables"
 TABLE = "mangle"
@@ -596,17 +594,70 @@ def available():
 
 def read():
     """
-    The mangle table of each family: IPv4's always (one ``iptables-save``),
-    IPv6's only when the kernel may hold relayroute's chains there
-    (:func:`_may_hold`, no process); otherwise it reads as empty.
+    The mangle table of each family: IPv4's always, IPv6's only when the
+    kernel may hold relayroute's chains there (:func:`_may_hold`, no
+    process); otherwise it reads as empty. A family is read with one
+    ``*-save``, except with iptables-nft when the kernel's digest of what
+    relayroute reads (:func:`nftview.view`, in the process) is the one a
+    read was last made under: that read stands (:class:`nftview.Memo`).
     """
     tables, done = {}, []
+    memo = nftview.Memo.load(_memo_path())
     for version in VERSIONS:
         tool = TOOLS[version]
-        if tool.always_read or _may_hold(tool):
-            tables[version] = _save(tool)
-            done.append(version)
+        seen = _nft_view(tool)
+        if seen is None:
+            if tool.always_read or _may_hold(tool):
+                tables[version] = _save(tool)
+                done.append(version)
+            continue
+        digest, names = seen
+        if not (tool.always_read or any(name.startswith(_owned_prefixes()) for name in names)):
+            continue
+        chains = memo.get(version, digest)
+        if chains is None:
+            table = _save(tool)
+            # Kept when nothing changed while it was read.
+            if _nft_view(tool) == seen:
+                memo.put(version, digest, _memo_chains(table, names))
+        else:
+            table = Table(chains)
+        tables[version] = table
+        done.append(version)
+    memo.save()
     return Ruleset(tables=tables, read=tuple(done))
+
+
+def _wanted(name):
+    """The chains whose rules relayroute reads: the hook chains and the owners' chains."""
+    return name in HOOKS.values() or name.startswith(_owned_prefixes())
+
+
+def _nft_view(tool):
+    """``(digest, chain names)`` of ``tool``'s mangle table under iptables-nft; None otherwise."""
+    if flavour(tool) != "nft":
+        return None
+    return nftview.view(tool.nfproto, TABLE, _wanted)
+
+
+def _memo_chains(table, names):
+    """
+    What a memo keeps of a family's table: every chain of ``names``, with
+    the rules of the chains :func:`_wanted` names (the digest covers them;
+    the other built-in chains hold no jump to an owner's chain, or that
+    chain's reference count, which the digest covers, would differ).
+    """
+    return {name: list(table.chains.get(name, [])) if _wanted(name) else [] for name in names}
+
+
+def _memo_path():
+    """The memo of this network namespace's reads, beside relayroute's host lock."""
+    lock = os.environ.get("RELAYROUTE_LOCK", DEFAULT_LOCK)
+    try:
+        netns = os.stat(f"{_thread_proc()}/ns/net").st_ino
+    except OSError:
+        netns = 0
+    return f"{lock}.iptables-{netns}.json"
 
 
 def marked_packets(prefix):
@@ -677,6 +728,7 @@ def read_part(prefix):
     reads them.
     """
     tables, done = {}, []
+    memo = nftview.Memo.load(_memo_path())
     for version in VERSIONS:
         tool = TOOLS[version]
         names = _owned_chain_names(tool, prefix)
@@ -686,10 +738,20 @@ def read_part(prefix):
                 done.append(version)
             continue
         if names:
+            seen = _nft_view(tool)
             listed = [_run((tool.command, "-t", TABLE, "-S", name)) for name in names]
             tables[version] = parse_listing("".join(listed))
+            if seen is not None and _nft_view(tool) == seen and _lists_all(names, seen[1]):
+                # What a whole read would keep: the next no-op reads nothing.
+                memo.put(version, seen[0], _memo_chains(tables[version], seen[1]))
         done.append(version)
+    memo.save()
     return Ruleset(tables=tables, read=tuple(done))
+
+
+def _lists_all(listed, names):
+    """Whether ``listed`` covers every chain of ``names`` whose rules the memo keeps."""
+    return {name for name in names if _wanted(name)} <= set(listed)
 
 
 def _owned_chain_names(tool, prefix):
@@ -784,83 +846,9 @@ def _thread_proc():
     return f"/proc/self/task/{native_id()}"
 
 
-# nfnetlink, as linux/netfilter/nfnetlink.h and nf_tables.h define it.
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_GETCHAIN = 4
-NFTA_CHAIN_TABLE = 1
-NFTA_CHAIN_NAME = 3
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
-NLM_F_DUMP_INTR = 0x10
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLMSG_HEADER = struct.Struct("=IHHII")
-NFGENMSG = struct.Struct("=BBH")
-NLATTR = struct.Struct("=HH")
-
-
 def nft_chains(nfproto):
-    """
-    ``{(table, chain)}``: the names of every nf_tables chain of family
-    ``nfproto`` in this thread's network namespace, from one netlink dump of
-    chains (no rules are fetched, however many there are). None when it cannot
-    be told (the caller then reads the table the ordinary way). A kernel
-    without nf_tables has none.
-    """
-    try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    except OSError:
-        return None
-    with sock:
-        try:
-            sock.bind((0, 0))
-            kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN
-            header = NLMSG_HEADER.pack(
-                NLMSG_HEADER.size + NFGENMSG.size, kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
-            )
-            sock.send(header + NFGENMSG.pack(nfproto, 0, 0))
-            found = set()
-            while True:
-                data = sock.recv(1 << 20)
-                if not data:
-                    return None
-                done = _chain_messages(data, found)
-                if done is not None:
-                    return found if done else None
-        except OSError:
-            return None
-
-
-def _chain_messages(data, found):
-    """Add the chains of one netlink read to ``found``: True at the end, False on an error."""
-    offset = 0
-    while offset + NLMSG_HEADER.size <= len(data):
-        length, kind, flags, _seq, _pid = NLMSG_HEADER.unpack_from(data, offset)
-        if length < NLMSG_HEADER.size:
-            return False
-        if kind == NLMSG_DONE:
-            return True
-        if kind == NLMSG_ERROR:
-            (code,) = struct.unpack_from("=i", data, offset + NLMSG_HEADER.size)
-            # No nf_tables in this kernel: no chains of iptables-nft's either.
-            return code in (0, -errno.EOPNOTSUPP, -errno.EPROTONOSUPPORT, -errno.ENOENT)
-        if flags & NLM_F_DUMP_INTR:
-            return False
-        names = {}
-        at = offset + NLMSG_HEADER.size + NFGENMSG.size
-        end = offset + length
-        while at + NLATTR.size <= end:
-            size, attr = NLATTR.unpack_from(data, at)
-            if size < NLATTR.size:
-                return False
-            value = data[at + NLATTR.size : at + size]
-            names[attr & 0x3FFF] = value.split(b"\0", 1)[0].decode(errors="replace")
-            at += (size + 3) & ~3
-        if NFTA_CHAIN_TABLE in names and NFTA_CHAIN_NAME in names:
-            found.add((names[NFTA_CHAIN_TABLE], names[NFTA_CHAIN_NAME]))
-        offset += (length + 3) & ~3
-    return None
+    """``{(table, chain)}`` of every nf_tables chain of ``nfproto`` (see :func:`nftview.chains`)."""
+    return nftview.chains(nfproto)
 
 
 def _restore(argv, payload):

@@ -114,7 +114,12 @@ def test_a_family_without_the_owners_chains_is_not_listed(loaders, dual, monkeyp
 
 
 def test_an_apply_with_work_verifies_without_saving_the_whole_table(loaders, dual):  # noqa: F811
-    """Through Salt's loader: a change runs one restore, and its check lists chains only."""
+    """
+    Through Salt's loader: a change runs one restore, and its check lists
+    chains only; that check spares the next no-op any process (the memo,
+    nftview.py), until another tool changes a hook chain: then each family
+    is saved once before the diff.
+    """
     relay = dual["relay"]
     relay.exec(["iptables-restore", "--noflush"], input=_foreign())
     ret = relayroute(loaders, relay, "relay_apply", **dual_args("iptables"))
@@ -124,18 +129,28 @@ def test_an_apply_with_work_verifies_without_saving_the_whole_table(loaders, dua
         for name, mod in sys.modules.items()
         if name.endswith(".relayroute_core.iptables") and mod is not None
     )
-    runs = []
     real_run = module.subprocess.run
 
-    def recording(argv, *a, **kw):
-        runs.append(tuple(argv))
-        return real_run(argv, *a, **kw)
+    def runs_of(args):
+        runs = []
 
+        def recording(argv, *a, **kw):
+            runs.append(tuple(argv))
+            return real_run(argv, *a, **kw)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(module.subprocess, "run", recording)
+            ret = relayroute(loaders, relay, "relay_apply", **args)
+        assert "changes" in ret, ret
+        return ret["changes"], runs
+
+    assert runs_of(dual_args("iptables")) == ({}, [])
+    # Another tool adds a rule to PREROUTING, in each family.
+    for tool in ("iptables", "ip6tables"):
+        relay.exec([tool, "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "--dport", "9"])
     changed = dual_args("iptables", mark=253)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module.subprocess, "run", recording)
-        ret = relayroute(loaders, relay, "relay_apply", **changed)
-    assert "changes" in ret, ret
+    changes, runs = runs_of(changed)
+    assert changes
     saves = [argv for argv in runs if argv[0].endswith("-save")]
     restores = [argv for argv in runs if argv[0].endswith("-restore")]
     listings = [argv for argv in runs if "-S" in argv]
@@ -145,3 +160,4 @@ def test_an_apply_with_work_verifies_without_saving_the_whole_table(loaders, dua
     assert [argv[0] for argv in restores] == ["iptables-restore", "ip6tables-restore"], runs
     assert listings, runs
     assert runs.index(listings[0]) > runs.index(restores[-1]), runs
+    assert runs_of(changed) == ({}, [])

@@ -496,15 +496,19 @@ def test_formula_relay_clean_with_backend_nftables(loaders, relay_ns, tmp_path):
 def test_a_no_op_apply_starts_no_process(loaders, relay_ns, monkeypatch):
     """
     The read is in process (libnftables), as are netlink and /proc: nothing is
-    spawned. Control: the same no-op with the iptables backend runs iptables-save.
+    spawned. With the iptables backend (iptables-nft) neither, as the apply's
+    verification is remembered (nftview.py). Control: once another tool has
+    changed PREROUTING, the iptables no-op runs iptables-save.
     """
     import subprocess  # pylint: disable=import-outside-toplevel
 
     real_init = subprocess.Popen.__init__
 
-    def no_op_spawns(backend):
+    def no_op_spawns(backend, meanwhile=None):
         args = {**ARGS, "backend": backend}
         assert loaders.modules.relayroute.relay_apply(**args)["changes"]
+        if meanwhile:
+            relay_ns.exec(meanwhile)
         spawned = []
 
         def recording_init(self, argv, *rest, **kwargs):
@@ -521,4 +525,7 @@ def test_a_no_op_apply_starts_no_process(loaders, relay_ns, monkeypatch):
 
     with relay_ns.entered():
         assert no_op_spawns("nftables") == []
-        assert [argv[0] for argv in no_op_spawns("iptables")] == ["iptables-save"]
+        assert no_op_spawns("iptables") == []
+        other_tool = ["iptables", "-t", "mangle", "-I", "PREROUTING", "-p", "udp", "--dport", "9"]
+        spawned = no_op_spawns("iptables", meanwhile=other_tool)
+        assert [argv[0] for argv in spawned] == ["iptables-save"]

@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from relayroute_core import engine, iptables, model, netlink, nftables, persist, planner
+from relayroute_core import engine, iptables, model, netlink, nftables, nftview, persist, planner
 
 MAC = "02:00:c0:00:02:02"
 PREFIX = planner.RELAY.chain_prefix
@@ -323,6 +323,7 @@ def test_ip6tables_is_read_only_when_it_may_hold_relayroutes_chains(monkeypatch)
         return iptables.parse_table(IP6TABLES_SAVE if tool.version == 6 else "")
 
     monkeypatch.setattr(iptables, "_save", save)
+    monkeypatch.setattr(iptables, "_nft_view", lambda tool: None)  # iptables-legacy's way
     monkeypatch.setattr(iptables, "_may_hold", lambda tool: False)
     ruleset = iptables.read()
     assert (ran, ruleset.read) == (["iptables"], (4,))
@@ -370,12 +371,15 @@ def test_the_chain_dump_is_parsed_into_table_and_chain_names():
     body = struct.pack("=BBH", 10, 0, 0)
     first = _message(chain, body + _attr(1, "mangle") + _attr(3, "RELAYROUTE-RELAY-PRE"))
     second = _message(chain, body + _attr(1, "filter") + _attr(3, "INPUT"))
-    found = set()
-    assert iptables._chain_messages(first + second, found) is None  # more to come
-    assert found == {("mangle", "RELAYROUTE-RELAY-PRE"), ("filter", "INPUT")}
-    assert iptables._chain_messages(_message(3, struct.pack("=i", 0)), found) is True
+    found = []
+    assert nftview.messages(first + second, 1, found) is None  # more to come
+    assert {nftview._chain_key(attrs) for attrs in found} == {
+        ("mangle", "RELAYROUTE-RELAY-PRE"),
+        ("filter", "INPUT"),
+    }
+    assert nftview.messages(_message(3, struct.pack("=i", 0)), 1, found) is True
     refused = _message(2, struct.pack("=i", -1) + b"\0" * 16)  # EPERM: cannot tell
-    assert iptables._chain_messages(refused, set()) is False
+    assert nftview.messages(refused, 1, []) is False
 
 
 # --- boot ------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""
+The iptables backend's memo (nftview.py) on the real kernel, with
+iptables-nft: a no-op after an apply runs no process, traffic (which moves
+the rules' counters) changes nothing, and every kind of drift is still seen
+and repaired by the next apply: a rule of relayroute's chain replaced by
+hand, the chain flushed, a jump to it added from a chain the digest does not
+read, another tool's rule inserted before the jump in PREROUTING.
+"""
+
+import socket
+import subprocess
+
+import pytest
+
+from tests.functional.test_relay import ARGS, EXPECTED_MANGLE, mangle_rules
+
+pytestmark = pytest.mark.root
+
+PRE = "RELAYROUTE-RELAY-PRE"
+
+
+@pytest.fixture
+def applied(loaders, relay_ns, monkeypatch):
+    """The relay applied, and ``spawned(call)``: what a call runs, and its result."""
+    real_init = subprocess.Popen.__init__
+
+    def spawned(call):
+        seen = []
+
+        def recording_init(self, argv, *rest, **kwargs):
+            seen.append(argv[0])
+            real_init(self, argv, *rest, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(subprocess.Popen, "__init__", recording_init)
+            with relay_ns.entered():
+                result = call()
+        return seen, result
+
+    apply = loaders.modules.relayroute.relay_apply
+    _seen, first = spawned(lambda: apply(backend="iptables", **ARGS))
+    assert "iptables" in first["changes"]
+    yield relay_ns, spawned, lambda: apply(backend="iptables", **ARGS)
+    with relay_ns.entered():
+        loaders.modules.relayroute.relay_remove(backend="iptables")
+
+
+def _traffic(ns, count=50):
+    """Datagrams through lo: PREROUTING and OUTPUT, so relayroute's rules count them."""
+    with ns.entered(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _ in range(count):
+            sock.sendto(b"x", ("127.0.0.1", 9))
+
+
+def test_a_no_op_runs_nothing_also_after_traffic(applied):
+    relay, spawned, apply = applied
+    relay.ip("link set lo up")
+    assert spawned(apply) == ([], {"changes": {}})
+    _traffic(relay)
+    counted = relay.exec(["iptables", "-t", "mangle", "-L", PRE, "-v", "-x", "-n"]).stdout
+    assert int(counted.splitlines()[2].split()[0]) >= 50  # the restore rule counted them
+    assert spawned(apply) == ([], {"changes": {}})
+
+
+@pytest.mark.parametrize(
+    "drift",
+    [
+        # A rule of relayroute's replaced by hand: another mask.
+        [
+            "iptables",
+            "-t",
+            "mangle",
+            "-R",
+            PRE,
+            "1",
+            "-j",
+            "CONNMARK",
+            "--restore-mark",
+            "--nfmask",
+            "0xf",
+            "--ctmask",
+            "0xf",
+        ],
+        ["iptables", "-t", "mangle", "-F", PRE],
+        # A jump from a chain whose rules the digest does not read (INPUT,
+        # which another tool's rule made before: only the chain's count of
+        # references tells).
+        ["iptables", "-t", "mangle", "-A", "INPUT", "-j", PRE],
+        # Another tool's rule before relayroute's jump (it stays).
+        ["iptables", "-t", "mangle", "-I", "PREROUTING", "-p", "udp", "--dport", "9"],
+    ],
+    ids=["replaced-rule", "flushed-chain", "jump-from-input", "foreign-rule-first"],
+)
+def test_drift_is_read_and_repaired(applied, drift):
+    relay, spawned, apply = applied
+    relay.exec(["iptables", "-t", "mangle", "-A", "INPUT", "-p", "udp", "--dport", "7"])
+    assert spawned(apply) == (["iptables-save"], {"changes": {}})
+    assert spawned(apply) == ([], {"changes": {}})
+    relay.exec(drift)
+    ran, result = spawned(apply)
+    assert ran[0] == "iptables-save"
+    if "--dport" in drift:
+        assert result == {"changes": {}}  # another tool's rule is none of relayroute's business
+    else:
+        assert "iptables" in result["changes"]
+        ran, result = spawned(apply)
+        assert (ran, result) == ([], {"changes": {}})
+    ours = [line for line in mangle_rules(relay) if "RELAYROUTE" in line]
+    assert ours == EXPECTED_MANGLE

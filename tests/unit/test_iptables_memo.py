@@ -1,0 +1,184 @@
+"""
+The iptables backend's memo of its last whole-table read (nftview.py): what
+the digest covers (a rule's bytes but its counters), the memo file, and when
+a read runs ``*-save``: on a digest it has no read for, never again while
+the digest stays, not when the table changed while it was read, and not
+after a verification that listed everything the memo keeps. iptables-legacy
+(no digest) reads every time. No root: the kernel's view is a test double.
+"""
+
+import json
+import struct
+
+import pytest
+
+from relayroute_core import iptables, nftview
+
+PREFIX = "RELAYROUTE-RELAY-"
+SAVE = """\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:RELAYROUTE-RELAY-PRE - [0:0]
+:OTHER - [0:0]
+-A PREROUTING -j RELAYROUTE-RELAY-PRE
+-A PREROUTING -j OTHER
+-A INPUT -s 198.51.100.9/32 -j DROP
+-A RELAYROUTE-RELAY-PRE -j CONNMARK --restore-mark --nfmask 0xff --ctmask 0xff
+-A OTHER -j RETURN
+COMMIT
+"""
+NAMES = frozenset({"PREROUTING", "INPUT", "OUTPUT", "RELAYROUTE-RELAY-PRE", "OTHER"})
+
+
+def nla(kind, value):
+    size = 4 + len(value)
+    return struct.pack("=HH", size, kind) + value + bytes(-size % 4)
+
+
+def expression(name, data):
+    return nla(
+        nftview.NFTA_LIST_ELEM | 0x8000,
+        nla(nftview.NFTA_EXPR_NAME, name.encode() + b"\0") + nla(2 | 0x8000, data),
+    )
+
+
+def rule(handle, *expressions):
+    raw = nla(3, struct.pack(">Q", handle)) + nla(
+        nftview.NFTA_RULE_EXPRESSIONS | 0x8000, b"".join(expressions)
+    )
+    return nftview.attributes(raw, 0, len(raw))
+
+
+def counter(packets):
+    return expression(
+        "counter", nla(1, struct.pack(">Q", packets * 60)) + nla(2, struct.pack(">Q", packets))
+    )
+
+
+TARGET = expression("target", nla(1, b"CONNMARK\0") + nla(3, bytes(16)))
+
+
+def test_a_rules_counters_are_left_out_of_its_digest():
+    seen = nftview._rule_bytes(rule(7, counter(0), TARGET))
+    assert nftview._rule_bytes(rule(7, counter(12345), TARGET)) == seen
+    # Another handle (a rule written again) or another expression is another rule.
+    assert nftview._rule_bytes(rule(8, counter(0), TARGET)) != seen
+    other = expression("target", nla(1, b"CONNMARK\0") + nla(3, b"\1" + bytes(15)))
+    assert nftview._rule_bytes(rule(7, counter(0), other)) != seen
+
+
+def test_the_memo_keeps_a_read_per_family_under_its_digest(tmp_path):
+    path = tmp_path / "run" / "lock.iptables-1.json"
+    memo = nftview.Memo.load(str(path))
+    assert memo.get(4, "d1") is None
+    memo.put(4, "d1", {"PREROUTING": ["-j X"]})
+    memo.save()
+    again = nftview.Memo.load(str(path))
+    assert again.get(4, "d1") == {"PREROUTING": ["-j X"]}
+    assert again.get(4, "d2") is None
+    assert again.get(6, "d1") is None
+    # Nothing new: nothing written.
+    again.put(4, "d1", {"PREROUTING": ["-j X"]})
+    assert not again.changed
+    path.write_text("{not json")
+    assert nftview.Memo.load(str(path)).records == {}
+    path.write_text(json.dumps({"4": {"digest": "d1"}}))
+    assert nftview.Memo.load(str(path)).records == {}
+
+
+@pytest.fixture
+def host(monkeypatch, tmp_path):
+    """An iptables-nft host whose IPv4 mangle table is SAVE; IPv6 holds nothing."""
+    state = {"digest": "d1", "saves": [], "listings": [], "during_save": None}
+
+    def view(tool):
+        if tool.version == 6:
+            return ("v6", frozenset())
+        return (state["digest"], NAMES)
+
+    def save(tool):
+        state["saves"].append(tool.command)
+        if state["during_save"]:
+            state["digest"] = state["during_save"]
+        return iptables.parse_table(SAVE, owned=iptables._owned_prefixes())
+
+    def run(argv):
+        state["listings"].append(argv[-1])
+        table = iptables.parse_table(SAVE)
+        chain = argv[-1]
+        lines = [f"-N {chain}"] + [f"-A {chain} {spec}" for spec in table.chains[chain]]
+        return "\n".join(lines) + "\n"
+
+    monkeypatch.setenv("RELAYROUTE_LOCK", str(tmp_path / "lock"))
+    monkeypatch.setattr(iptables, "_nft_view", view)
+    monkeypatch.setattr(iptables, "_save", save)
+    monkeypatch.setattr(iptables, "_run", run)
+    monkeypatch.setattr(iptables, "flavour", lambda tool: "nft")
+    monkeypatch.setattr(
+        iptables,
+        "nft_chains",
+        lambda nfproto: {("mangle", n) for n in NAMES} if nfproto == 2 else set(),
+    )
+    return state
+
+
+def test_a_read_under_a_known_digest_runs_no_save_and_reads_the_same(host):
+    first = iptables.read()
+    assert host["saves"] == ["iptables"]
+    second = iptables.read()
+    assert host["saves"] == ["iptables"]
+    assert second.read == first.read == (4,)
+    # What relayroute compares is the same: its chains, the jumps to them, every chain's name.
+    for version in (4, 6):
+        assert second.table(version).owned(PREFIX) == first.table(version).owned(PREFIX)
+        assert second.table(version).jumps(PREFIX) == first.table(version).jumps(PREFIX)
+        assert set(second.table(version).chains) == set(first.table(version).chains)
+
+
+def test_another_digest_reads_again(host):
+    iptables.read()
+    host["digest"] = "d2"
+    iptables.read()
+    assert host["saves"] == ["iptables", "iptables"]
+    iptables.read()
+    assert host["saves"] == ["iptables", "iptables"]
+
+
+def test_a_table_that_changed_while_it_was_read_is_not_kept(host):
+    host["during_save"] = "d2"
+    iptables.read()
+    iptables.read()
+    assert host["saves"] == ["iptables", "iptables"]
+
+
+def test_a_verification_that_listed_every_chain_the_memo_keeps_spares_the_next_read(host):
+    iptables.read_part(PREFIX)
+    assert host["saves"] == []
+    assert host["listings"] == ["PREROUTING", "OUTPUT", "RELAYROUTE-RELAY-PRE"]
+    iptables.read()
+    assert host["saves"] == []
+
+
+def test_a_verification_of_one_role_on_a_host_with_both_keeps_nothing(host, monkeypatch):
+    names = NAMES | {"RELAYROUTE-PROXY-DIVERT"}
+    monkeypatch.setattr(
+        iptables, "_nft_view", lambda tool: ("d1", names) if tool.version == 4 else None
+    )
+    monkeypatch.setattr(
+        iptables,
+        "nft_chains",
+        lambda nfproto: {("mangle", n) for n in names} if nfproto == 2 else set(),
+    )
+    iptables.read_part(PREFIX)
+    iptables.read()
+    assert host["saves"] == ["iptables"]
+
+
+def test_iptables_legacy_reads_every_time(host, monkeypatch):
+    monkeypatch.setattr(iptables, "_nft_view", lambda tool: None)
+    monkeypatch.setattr(iptables, "_may_hold", lambda tool: tool.version == 4)
+    iptables.read()
+    iptables.read()
+    assert host["saves"] == ["iptables", "iptables"]
