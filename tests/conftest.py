@@ -120,4 +120,4 @@ def pytest_sessionfinish(session, exitstatus):
         netns_support.run(["ip", "netns", "delete", name], check=False)
     for overlay in Path("/etc/netns").glob(f"{netns_support.RUN_PREFIX}-*"):
         shutil.rmtree(overlay, ignore_errors=True)
-    Path(LOCK_PATH).unlink(missing_ok=True)
+    netns_support.remove_lock_files(LOCK_PATH)

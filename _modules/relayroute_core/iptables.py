@@ -22,16 +22,25 @@ before (the inverse transaction, computed with the forward one) and raises an
 error naming ``ip6tables-restore``; the engine's rollback then finds nothing
 left to undo in the packet filter, and undoes its routes and rules.
 
-Reading: IPv4's table is read every time (one ``iptables-save``, as before
-IPv6). IPv6's is read only when the kernel may hold relayroute's chains there,
-which the backend finds out without running a process (:func:`_may_hold`):
-iptables-nft keeps them as chains of nf_tables' ``ip6 mangle`` table (one
-netlink dump of the IPv6 chain names, no rules), iptables-legacy has an IPv6
-mangle table at all only when ``/proc/<thread>/net/ip6_tables_names`` lists
-it. When neither holds any, nothing of relayroute's is there to compare or
-remove, and the IPv6 table reads as empty: a no-op of an IPv4-only host costs
-one process, as before; a dual-stack one two. The :class:`Ruleset` records
-which families were read.
+Reading: IPv4's table is read every time, IPv6's only when the kernel may
+hold relayroute's chains there, which the backend finds out without running
+a process (:func:`_may_hold`): iptables-nft keeps them as chains of
+nf_tables' ``ip6 mangle`` table (one netlink dump of the IPv6 chain names, no
+rules), iptables-legacy has an IPv6 mangle table at all only when
+``/proc/<thread>/net/ip6_tables_names`` lists it. When neither holds any,
+nothing of relayroute's is there to compare or remove, and the IPv6 table
+reads as empty. The :class:`Ruleset` records which families were read.
+
+A family read is one ``*-save`` (iptables-legacy: every time). With
+iptables-nft, a digest of what relayroute reads of the table, made over
+nfnetlink in the process (:func:`nftview.view`: every chain's name, and the
+rules of the hook and owners' chains, counters left out), is compared first
+with the one the last read was made under: while they are equal, that read
+stands (:class:`nftview.Memo`) and no process runs; a table without any
+owner's chain needs no read at all (its chain names are all that matter: no
+rule can jump to a chain that does not exist). A verification
+(:func:`read_part`) that listed every chain the memo keeps records its read
+too, so the no-op after an apply starts no process.
 """
 
 import os
@@ -599,7 +608,9 @@ def read():
     process); otherwise it reads as empty. A family is read with one
     ``*-save``, except with iptables-nft when the kernel's digest of what
     relayroute reads (:func:`nftview.view`, in the process) is the one a
-    read was last made under: that read stands (:class:`nftview.Memo`).
+    read was last made under: that read stands (:class:`nftview.Memo`); or
+    when the table holds no owner's chain at all (a first apply): then it
+    is its chains' names alone.
     """
     tables, done = {}, []
     memo = nftview.Memo.load(_memo_path())
@@ -612,7 +623,12 @@ def read():
                 done.append(version)
             continue
         digest, names = seen
-        if not (tool.always_read or any(name.startswith(_owned_prefixes()) for name in names)):
+        if not any(name.startswith(_owned_prefixes()) for name in names):
+            # No owner's chain, hence no jump to one (iptables refuses a jump
+            # to a missing chain): nothing to compare or remove, no process.
+            if tool.always_read:
+                tables[version] = Table({name: [] for name in names})
+                done.append(version)
             continue
         chains = memo.get(version, digest)
         if chains is None:

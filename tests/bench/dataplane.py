@@ -93,6 +93,7 @@ from tests.support.netns import (  # noqa: E402
     leftover_namespaces,
     mac_of,
     made_netns,
+    remove_lock_files,
     run,
 )
 
@@ -725,7 +726,7 @@ def main(argv=None):
         with contextlib.ExitStack() as stack:
             tmp = Path(tempfile.mkdtemp(prefix=f"{RUN_PREFIX}-dataplane-"))
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-            stack.callback(lambda: Path(LOCK_PATH).unlink(missing_ok=True))
+            stack.callback(remove_lock_files, LOCK_PATH)
             stack.callback(_remove_leftovers)
             net = build(stack)
             relay = net["relay"]

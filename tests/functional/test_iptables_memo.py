@@ -107,3 +107,28 @@ def test_drift_is_read_and_repaired(applied, drift):
         assert (ran, result) == ([], {"changes": {}})
     ours = [line for line in mangle_rules(relay) if "RELAYROUTE" in line]
     assert ours == EXPECTED_MANGLE
+
+
+def test_a_first_apply_beside_another_tools_chains_reads_no_table(loaders, relay_ns):
+    """No chain of relayroute's yet, so no jump to one: the diff needs no iptables-save."""
+    relay_ns.exec(
+        ["iptables-restore", "--noflush"],
+        input="*mangle\n:OTHER - [0:0]\n-A PREROUTING -j OTHER\n-A OTHER -j RETURN\nCOMMIT\n",
+    )
+    real_init = subprocess.Popen.__init__
+    seen = []
+
+    def recording_init(self, argv, *rest, **kwargs):
+        seen.append(argv[0])
+        real_init(self, argv, *rest, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, relay_ns.entered():
+        patch.setattr(subprocess.Popen, "__init__", recording_init)
+        ret = loaders.modules.relayroute.relay_apply(backend="iptables", **ARGS)
+    assert "iptables" in ret["changes"]
+    assert "iptables-save" not in seen, seen
+    assert seen.count("iptables-restore") == 1, seen
+    assert [line for line in mangle_rules(relay_ns) if "RELAYROUTE" in line] == EXPECTED_MANGLE
+    assert "-A PREROUTING -j OTHER" in mangle_rules(relay_ns)
+    with relay_ns.entered():
+        loaders.modules.relayroute.relay_remove(backend="iptables")

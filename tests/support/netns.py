@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
@@ -252,6 +253,12 @@ def mac_of(ns, ifname):
     return out[2].lower()
 
 
+def remove_lock_files(lock_path):
+    """Remove a run's relayroute host lock and what the engine keeps beside it (the read memo)."""
+    for path in [Path(lock_path), *Path(lock_path).parent.glob(Path(lock_path).name + ".*")]:
+        path.unlink(missing_ok=True)
+
+
 def leftover_namespaces(prefix=RUN_PREFIX):
     out = run(["ip", "netns", "list"], check=False).stdout
     return [line.split()[0] for line in out.splitlines() if line.startswith(prefix + "-")]
@@ -269,8 +276,6 @@ def etc_mount_point(path):
     :func:`release_etc_mount_point` when done; the last one out removes it,
     unless it was there before this run. Returns True.
     """
-    from pathlib import Path
-
     path = Path(path)
     _ETC_BEFORE.setdefault(str(path), path.exists())
     path.mkdir(exist_ok=True)
@@ -283,8 +288,6 @@ def release_etc_mount_point(path):
     namespace still has an overlay for it (runs overlap: removing it under them
     would send their writes to the host's /etc) or something was put in it.
     """
-    from pathlib import Path
-
     path = Path(path)
     if _ETC_BEFORE.get(str(path), True):
         return  # the host's own, or not made by this run

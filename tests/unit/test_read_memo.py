@@ -182,3 +182,15 @@ def test_iptables_legacy_reads_every_time(host, monkeypatch):
     iptables.read()
     iptables.read()
     assert host["saves"] == ["iptables", "iptables"]
+
+
+def test_a_table_without_any_owners_chain_needs_no_read(host, monkeypatch):
+    names = frozenset({"PREROUTING", "OUTPUT", "OTHER"})
+    monkeypatch.setattr(iptables, "_nft_view", lambda tool: ("d9", names))
+    ruleset = iptables.read()
+    assert host["saves"] == []
+    assert ruleset.read == (4,)
+    assert set(ruleset.table(4).chains) == names
+    assert ruleset.table(4).owned(PREFIX) == {}
+    assert ruleset.table(4).jumps(PREFIX) == []
+    assert ruleset.table(6).chains == {}
