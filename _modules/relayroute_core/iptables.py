@@ -31,16 +31,20 @@ rules), iptables-legacy has an IPv6 mangle table at all only when
 nothing of relayroute's is there to compare or remove, and the IPv6 table
 reads as empty. The :class:`Ruleset` records which families were read.
 
-A family read is one ``*-save`` (iptables-legacy: every time). With
-iptables-nft, a digest of what relayroute reads of the table, made over
-nfnetlink in the process (:func:`nftview.view`: every chain's name, and the
-rules of the hook and owners' chains, counters left out), is compared first
-with the one the last read was made under: while they are equal, that read
-stands (:class:`nftview.Memo`) and no process runs; a table without any
-owner's chain needs no read at all (its chain names are all that matter: no
-rule can jump to a chain that does not exist). A verification
-(:func:`read_part`) that listed every chain the memo keeps records its read
-too, so the no-op after an apply starts no process.
+A family read is one ``*-save`` with iptables-legacy. With iptables-nft,
+the kernel's view of the table comes first, over nfnetlink in the process
+(:func:`nftview.view`: every chain's name; for the hook chains and the
+owners' chains, a digest of their rules, counters left out, and their
+reference counts). A chain whose digest is the one it was last read under
+is taken from the memo (:class:`nftview.Memo`); the others are listed, one
+``iptables -S CHAIN`` each, up to :data:`LISTING_BUDGET` in all, or beyond
+that their family is saved whole. So a no-op runs no process, and one that
+follows another tool's change to PREROUTING lists that chain alone,
+whatever else the table holds. A reference count the chains read do not
+account for (a jump from a chain relayroute does not read) is read whole.
+A table without any owner's chain needs no read (no rule can jump to a
+chain that does not exist). A verification (:func:`read_part`) records
+what it listed, so the no-op after an apply runs no process either.
 """
 
 import os
@@ -601,19 +605,28 @@ def available():
     return all(shutil.which(tool) for tool in (SAVE[0], RESTORE[0]))
 
 
+# The processes a read may spend on listing chains whose digest moved (a
+# no-op's budget): more than that, and each such family is saved whole.
+LISTING_BUDGET = 2
+
+
 def read():
     """
     The mangle table of each family: IPv4's always, IPv6's only when the
     kernel may hold relayroute's chains there (:func:`_may_hold`, no
-    process); otherwise it reads as empty. A family is read with one
-    ``*-save``, except with iptables-nft when the kernel's digest of what
-    relayroute reads (:func:`nftview.view`, in the process) is the one a
-    read was last made under: that read stands (:class:`nftview.Memo`); or
-    when the table holds no owner's chain at all (a first apply): then it
-    is its chains' names alone.
+    process); otherwise it reads as empty. iptables-legacy: one ``*-save``
+    per family read. iptables-nft: the kernel's view of the table first
+    (:func:`nftview.view`, in the process); a table without any owner's
+    chain is its chain names alone; otherwise each chain relayroute reads
+    comes from the memo while its digest is the one it was read under, and
+    the others are listed (``iptables -S CHAIN``, at most
+    :data:`LISTING_BUDGET` in all) or, beyond that, their family saved.
+    A table whose reference counts its chains do not account for (a jump
+    from a chain relayroute does not read) is saved too.
     """
     tables, done = {}, []
     memo = nftview.Memo.load(_memo_path())
+    pending = []
     for version in VERSIONS:
         tool = TOOLS[version]
         seen = _nft_view(tool)
@@ -622,7 +635,7 @@ def read():
                 tables[version] = _save(tool)
                 done.append(version)
             continue
-        digest, names = seen
+        names, chains = seen
         if not any(name.startswith(_owned_prefixes()) for name in names):
             # No owner's chain, hence no jump to one (iptables refuses a jump
             # to a missing chain): nothing to compare or remove, no process.
@@ -630,14 +643,24 @@ def read():
                 tables[version] = Table({name: [] for name in names})
                 done.append(version)
             continue
-        chains = memo.get(version, digest)
-        if chains is None:
+        known = memo.get(version)
+        stale = [name for name in sorted(chains) if known.get(name, (None,))[0] != chains[name][0]]
+        pending.append((version, tool, seen, known, stale))
+    listing = sum(len(stale) for *_rest, stale in pending) <= LISTING_BUDGET
+    for version, tool, seen, known, stale in pending:
+        table = None
+        if listing:
+            specs = {name: known[name][1] for name in seen[1] if name not in stale}
+            specs.update({name: _listed(tool, name) for name in stale})
+            table = Table({name: list(specs.get(name, [])) for name in sorted(seen[0])})
+            if not _accounted(table, seen[1]):
+                table = None
+        if table is None:
             table = _save(tool)
-            # Kept when nothing changed while it was read.
-            if _nft_view(tool) == seen:
-                memo.put(version, digest, _memo_chains(table, names))
-        else:
-            table = Table(chains)
+            stale = sorted(seen[1])
+        # What a process read is kept when nothing changed while it was read.
+        if stale and _nft_view(tool) == seen:
+            memo.put(version, _memo_chains(table, seen[1]))
         tables[version] = table
         done.append(version)
     memo.save()
@@ -650,20 +673,42 @@ def _wanted(name):
 
 
 def _nft_view(tool):
-    """``(digest, chain names)`` of ``tool``'s mangle table under iptables-nft; None otherwise."""
+    """:func:`nftview.view` of ``tool``'s mangle table under iptables-nft; None otherwise."""
     if flavour(tool) != "nft":
         return None
     return nftview.view(tool.nfproto, TABLE, _wanted)
 
 
-def _memo_chains(table, names):
+def _listed(tool, name):
+    """One chain's rule specs, from its own ``iptables -t mangle -S CHAIN``."""
+    return parse_listing(_run((tool.command, "-t", TABLE, "-S", name))).chains.get(name, [])
+
+
+def _accounted(table, chains):
     """
-    What a memo keeps of a family's table: every chain of ``names``, with
-    the rules of the chains :func:`_wanted` names (the digest covers them;
-    the other built-in chains hold no jump to an owner's chain, or that
-    chain's reference count, which the digest covers, would differ).
+    Whether ``table`` accounts for every reference to an owner's chain the
+    kernel counts (``chains``: :func:`nftview.view`'s): its rules plus the
+    jumps and gotos to it from the chains read. Otherwise a chain not read
+    jumps to it, and only a whole read shows where.
     """
-    return {name: list(table.chains.get(name, [])) if _wanted(name) else [] for name in names}
+    targets = {}
+    for name in chains:
+        for spec in table.chains.get(name, []):
+            target = _target(spec)
+            if target:
+                targets[target] = targets.get(target, 0) + 1
+    return all(
+        use == len(table.chains.get(name, [])) + targets.get(name, 0)
+        for name, (_digest, use) in chains.items()
+        if name.startswith(_owned_prefixes())
+    )
+
+
+def _memo_chains(table, chains):
+    """``{chain: (digest, specs)}`` of the chains read, for the memo."""
+    return {
+        name: (digest, list(table.chains.get(name, []))) for name, (digest, _use) in chains.items()
+    }
 
 
 def _memo_path():
@@ -757,17 +802,15 @@ def read_part(prefix):
             seen = _nft_view(tool)
             listed = [_run((tool.command, "-t", TABLE, "-S", name)) for name in names]
             tables[version] = parse_listing("".join(listed))
-            if seen is not None and _nft_view(tool) == seen and _lists_all(names, seen[1]):
-                # What a whole read would keep: the next no-op reads nothing.
-                memo.put(version, seen[0], _memo_chains(tables[version], seen[1]))
+            if seen is not None and _nft_view(tool) == seen:
+                # The chains listed, for the memo: the next no-op lists nothing.
+                read_ = {name: seen[1][name] for name in names if name in seen[1]}
+                known = memo.get(version)
+                known.update(_memo_chains(tables[version], read_))
+                memo.put(version, {name: known[name] for name in seen[1] if name in known})
         done.append(version)
     memo.save()
     return Ruleset(tables=tables, read=tuple(done))
-
-
-def _lists_all(listed, names):
-    """Whether ``listed`` covers every chain of ``names`` whose rules the memo keeps."""
-    return {name for name in names if _wanted(name)} <= set(listed)
 
 
 def _owned_chain_names(tool, prefix):

@@ -3,22 +3,24 @@ iptables-nft's tables as nf_tables holds them, seen over nfnetlink from this
 process: no ``iptables`` process runs and no rule of another chain is fetched.
 
 - :func:`chains`: the names of every chain of a family (one dump, no rules).
-- :func:`view`: the chain names of one table, and a digest of what
-  relayroute reads of it: each chain's name, the reference count of the
-  chains it asks for, and the rules of those chains (each rule's handle,
-  position and expressions, its counters left out). The rules are fetched
-  chain by chain (the kernel filters a rule dump by table and chain), so the
-  cost does not grow with other tools' chains.
+- :func:`view`: the chain names of one table and, for each chain relayroute
+  reads, a digest of its rules (each rule's handle, position and
+  expressions, its counters left out) and its reference count. The rules
+  are fetched chain by chain (the kernel filters a rule dump by table and
+  chain), so the cost does not grow with other tools' chains.
 
 nf_tables never changes a rule in place: a rule replaced, or a table written
 again, gets new handles (never reused while the table exists), and the
 digest covers every byte the kernel reports of a rule but its counters. Two
-equal digests are therefore the same rules in the same chains, and what
-``iptables-save`` printed of them once is what it would print again. The
-iptables backend keeps that printout, parsed, in a memo keyed by the digest
-(:class:`Memo`) and runs no ``iptables-save`` while the digest stays the same.
-A jump to one of the chains from a chain outside the digest changes that
-chain's reference count, which the digest covers.
+equal digests of a chain are therefore the same rules, and what
+``iptables-save`` or ``iptables -S`` printed of them once is what it would
+print again. The iptables backend keeps that printout per chain in a memo
+(:class:`Memo`) and lists only the chains whose digest moved.
+
+A chain's reference count (``use``) is its number of rules plus the number of
+rules that jump or go to it, wherever they are: a jump to one of relayroute's
+chains from a chain it does not read shows as a count that the chains it
+read do not account for.
 
 Kernels whose rule dumps ignore the table and chain filter (before Linux
 4.19 or so) answer with every rule: the rules of other chains are skipped here,
@@ -197,11 +199,12 @@ def _rule_bytes(attrs):
 
 def view(nfproto, table, wanted):
     """
-    ``(digest, names)`` of ``table`` in family ``nfproto``: ``names`` every
-    chain of the table; ``digest`` (hex) over those names, and over the
-    reference count and the rules (counters left out) of each chain for which
-    ``wanted(name)`` is true. None when it cannot be told (no nf_tables
-    socket, an interrupted or refused dump).
+    ``(names, chains)`` of ``table`` in family ``nfproto``: ``names`` every
+    chain of the table (a frozenset); ``chains`` ``{name: (digest, use)}``
+    for each chain for which ``wanted(name)`` is true: the digest (hex) of
+    its rules, counters left out, and its reference count (nf_tables'
+    ``use``: its rules plus the rules that jump or go to it). None when it
+    cannot be told (no nf_tables socket, an interrupted or refused dump).
     """
     session = _session()
     if session is None:
@@ -216,15 +219,15 @@ def view(nfproto, table, wanted):
             if key is None or key[0] != table:
                 continue
             names.add(key[1])
-            uses[key[1]] = next((v for k, v, _r in attrs if k == NFTA_CHAIN_USE), b"")
-        digest = hashlib.sha256()
-        digest.update("\n".join(sorted(names)).encode() + b"\n\n")
+            use = next((v for k, v, _r in attrs if k == NFTA_CHAIN_USE), b"")
+            uses[key[1]] = struct.unpack(">I", use)[0] if len(use) == 4 else -1
+        chains = {}
         for name in sorted(name for name in names if wanted(name)):
             which = _attr(NFTA_RULE_TABLE, table) + _attr(NFTA_RULE_CHAIN, name)
             rules = session.dump(NFT_MSG_GETRULE, nfproto, which)
             if rules is None:
                 return None
-            digest.update(name.encode() + b"\0" + uses[name] + b"\0")
+            digest = hashlib.sha256()
             for attrs in rules:
                 values = {kind: value for kind, value, _raw in attrs}
                 # A kernel that ignores the filter answers with every rule.
@@ -234,7 +237,8 @@ def view(nfproto, table, wanted):
                     continue
                 rule = _rule_bytes(attrs)
                 digest.update(struct.pack("=I", len(rule)) + rule)
-        return digest.hexdigest(), frozenset(names)
+            chains[name] = (digest.hexdigest(), uses[name])
+        return frozenset(names), chains
     except OSError:
         return None
     finally:
@@ -243,11 +247,11 @@ def view(nfproto, table, wanted):
 
 class Memo:
     """
-    What a whole-table read found, per family, keyed by the :func:`view`
-    digest it was made under: ``{version: (digest, chains)}``, in one JSON
-    file per network namespace beside relayroute's host lock (``/run``: a
-    reboot starts without it). Losing it costs one ``iptables-save``; a file
-    that cannot be read or written is ignored.
+    What relayroute last read of each chain, per family, with the digest of
+    that chain's rules when it was read: ``{version: {chain: (digest,
+    specs)}}``, in one JSON file per network namespace beside relayroute's
+    host lock (``/run``: a reboot starts without it). Losing it costs one
+    read; a file that cannot be read or written is ignored.
     """
 
     def __init__(self, path, records=None):
@@ -261,22 +265,26 @@ class Memo:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
             records = {
-                int(version): (record["digest"], record["chains"])
-                for version, record in data.items()
+                int(version): {
+                    name: (str(record[0]), [str(spec) for spec in record[1]])
+                    for name, record in chains.items()
+                }
+                for version, chains in data.items()
             }
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
             records = {}
         return cls(path, records)
 
-    def get(self, version, digest):
-        """The chains recorded under ``digest`` for ``version``, or None."""
-        record = self.records.get(version)
-        if record is None or record[0] != digest:
-            return None
-        return {name: list(specs) for name, specs in record[1].items()}
+    def get(self, version):
+        """``{chain: (digest, specs)}`` last read in ``version`` (empty when none)."""
+        return {
+            name: (digest, list(specs))
+            for name, (digest, specs) in self.records.get(version, {}).items()
+        }
 
-    def put(self, version, digest, chains):
-        record = (digest, {name: list(specs) for name, specs in chains.items()})
+    def put(self, version, chains):
+        """Record ``{chain: (digest, specs)}`` as what ``version`` holds now."""
+        record = {name: (digest, list(specs)) for name, (digest, specs) in chains.items()}
         if self.records.get(version) != record:
             self.records[version] = record
             self.changed = True
@@ -285,8 +293,8 @@ class Memo:
         if not self.changed:
             return
         data = {
-            str(version): {"digest": digest, "chains": chains}
-            for version, (digest, chains) in sorted(self.records.items())
+            str(version): {name: [digest, specs] for name, (digest, specs) in chains.items()}
+            for version, chains in sorted(self.records.items())
         }
         try:
             directory = os.path.dirname(self.path) or "."

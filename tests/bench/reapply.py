@@ -94,13 +94,13 @@ BASELINE_SLS = "bench.empty"
 FORMULA_SLS = "relayroute.relay"
 BACKENDS = ("iptables", "nftables")
 # The project's budget: a no-op re-apply execs at most this many processes more
-# than an empty state run. With iptables-nft none is expected: the digest of
-# what relayroute reads is the one its last read was made under (nftview.py);
-# after another tool's change, one iptables-save (CHURN measures that case).
+# than an empty state run. With iptables-nft none is expected: every chain
+# relayroute reads has the digest its last read was made under (nftview.py);
+# after another tool's change to PREROUTING, one listing of it (CHURN).
 EXTRA_PROCESS_BUDGET = 2
 EXPECTED_EXTRA = []
 # Another tool's change to PREROUTING before a no-op (outside the measurement):
-# the iptables memo no longer holds, and the no-op reads the table whole.
+# the no-op lists that chain (``iptables -S PREROUTING``), not the whole table.
 CHURN = {
     "iptables": lambda index: [
         "iptables",
@@ -941,7 +941,7 @@ def print_report(report, elapsed):
         a = data[name]["after_change"]
         lines += [
             "",
-            f"{name}: no-op after another tool changed PREROUTING (the read memo does not hold):",
+            f"{name}: no-op after another tool changed PREROUTING (which it lists again):",
             f"  cpu vs the no-op x{a['noop_cpu_over_noop']:.3f} "
             f"{a['noop_cpu_ms_minus_noop']:+.0f} ms; "
             f"vs the empty run x{a['noop_cpu_over_empty']:.3f}",

@@ -498,7 +498,7 @@ def test_a_no_op_apply_starts_no_process(loaders, relay_ns, monkeypatch):
     The read is in process (libnftables), as are netlink and /proc: nothing is
     spawned. With the iptables backend (iptables-nft) neither, as the apply's
     verification is remembered (nftview.py). Control: once another tool has
-    changed PREROUTING, the iptables no-op runs iptables-save.
+    changed PREROUTING, the iptables no-op lists that chain (one iptables).
     """
     import subprocess  # pylint: disable=import-outside-toplevel
 
@@ -528,4 +528,5 @@ def test_a_no_op_apply_starts_no_process(loaders, relay_ns, monkeypatch):
         assert no_op_spawns("iptables") == []
         other_tool = ["iptables", "-t", "mangle", "-I", "PREROUTING", "-p", "udp", "--dport", "9"]
         spawned = no_op_spawns("iptables", meanwhile=other_tool)
-        assert [argv[0] for argv in spawned] == ["iptables-save"]
+        assert [argv[-1] for argv in spawned] == ["PREROUTING"]
+        assert [argv[0] for argv in spawned] == ["iptables"]

@@ -69,46 +69,69 @@ def test_a_rules_counters_are_left_out_of_its_digest():
     assert nftview._rule_bytes(rule(7, counter(0), other)) != seen
 
 
-def test_the_memo_keeps_a_read_per_family_under_its_digest(tmp_path):
+def test_the_memo_keeps_each_chains_read_under_its_digest(tmp_path):
     path = tmp_path / "run" / "lock.iptables-1.json"
     memo = nftview.Memo.load(str(path))
-    assert memo.get(4, "d1") is None
-    memo.put(4, "d1", {"PREROUTING": ["-j X"]})
+    assert memo.get(4) == {}
+    memo.put(4, {"PREROUTING": ("d1", ["-j X"])})
     memo.save()
     again = nftview.Memo.load(str(path))
-    assert again.get(4, "d1") == {"PREROUTING": ["-j X"]}
-    assert again.get(4, "d2") is None
-    assert again.get(6, "d1") is None
+    assert again.get(4) == {"PREROUTING": ("d1", ["-j X"])}
+    assert again.get(6) == {}
     # Nothing new: nothing written.
-    again.put(4, "d1", {"PREROUTING": ["-j X"]})
+    again.put(4, {"PREROUTING": ("d1", ["-j X"])})
     assert not again.changed
     path.write_text("{not json")
     assert nftview.Memo.load(str(path)).records == {}
-    path.write_text(json.dumps({"4": {"digest": "d1"}}))
+    path.write_text(json.dumps({"4": {"PREROUTING": ["d1"]}}))
     assert nftview.Memo.load(str(path)).records == {}
+
+
+WANTED = ("PREROUTING", "OUTPUT", "RELAYROUTE-RELAY-PRE")
 
 
 @pytest.fixture
 def host(monkeypatch, tmp_path):
-    """An iptables-nft host whose IPv4 mangle table is SAVE; IPv6 holds nothing."""
-    state = {"digest": "d1", "saves": [], "listings": [], "during_save": None}
+    """
+    An iptables-nft host whose IPv4 mangle table is SAVE (IPv6 holds nothing):
+    the kernel's view is a digest and a reference count per chain read.
+    """
+    state = {
+        "digests": {name: f"{name}-1" for name in WANTED},
+        # RELAYROUTE-RELAY-PRE: its rule and PREROUTING's jump.
+        "uses": {"PREROUTING": 2, "OUTPUT": 0, "RELAYROUTE-RELAY-PRE": 2},
+        "names": NAMES,
+        "saves": [],
+        "listings": [],
+        "during_read": None,
+    }
 
     def view(tool):
         if tool.version == 6:
-            return ("v6", frozenset())
-        return (state["digest"], NAMES)
+            return (frozenset(), {})
+        chains = {
+            name: (state["digests"][name], state["uses"][name])
+            for name in state["names"]
+            if iptables._wanted(name)
+        }
+        return (state["names"], chains)
+
+    def meanwhile():
+        if state["during_read"]:
+            state["during_read"](state)
+            state["during_read"] = None
 
     def save(tool):
         state["saves"].append(tool.command)
-        if state["during_save"]:
-            state["digest"] = state["during_save"]
+        meanwhile()
         return iptables.parse_table(SAVE, owned=iptables._owned_prefixes())
 
     def run(argv):
         state["listings"].append(argv[-1])
+        meanwhile()
         table = iptables.parse_table(SAVE)
         chain = argv[-1]
-        lines = [f"-N {chain}"] + [f"-A {chain} {spec}" for spec in table.chains[chain]]
+        lines = [f"-N {chain}"] + [f"-A {chain} {spec}" for spec in table.chains.get(chain, [])]
         return "\n".join(lines) + "\n"
 
     monkeypatch.setenv("RELAYROUTE_LOCK", str(tmp_path / "lock"))
@@ -119,61 +142,81 @@ def host(monkeypatch, tmp_path):
     monkeypatch.setattr(
         iptables,
         "nft_chains",
-        lambda nfproto: {("mangle", n) for n in NAMES} if nfproto == 2 else set(),
+        lambda nfproto: {("mangle", n) for n in state["names"]} if nfproto == 2 else set(),
     )
     return state
 
 
-def test_a_read_under_a_known_digest_runs_no_save_and_reads_the_same(host):
-    first = iptables.read()
-    assert host["saves"] == ["iptables"]
-    second = iptables.read()
-    assert host["saves"] == ["iptables"]
-    assert second.read == first.read == (4,)
-    # What relayroute compares is the same: its chains, the jumps to them, every chain's name.
+def _same_for_relayroute(a, b):
     for version in (4, 6):
-        assert second.table(version).owned(PREFIX) == first.table(version).owned(PREFIX)
-        assert second.table(version).jumps(PREFIX) == first.table(version).jumps(PREFIX)
-        assert set(second.table(version).chains) == set(first.table(version).chains)
+        assert a.table(version).owned(PREFIX) == b.table(version).owned(PREFIX)
+        assert a.table(version).jumps(PREFIX) == b.table(version).jumps(PREFIX)
+        assert set(a.table(version).chains) == set(b.table(version).chains)
 
 
-def test_another_digest_reads_again(host):
+def test_a_read_whose_digests_stand_runs_nothing_and_reads_the_same(host):
+    first = iptables.read()
+    assert host["saves"] == ["iptables"]  # three chains unknown: more than the listing budget
+    second = iptables.read()
+    assert (host["saves"], host["listings"]) == (["iptables"], [])
+    assert second.read == first.read == (4,)
+    _same_for_relayroute(first, second)
+
+
+def test_a_chain_whose_digest_moved_is_listed_alone(host):
+    first = iptables.read()
+    host["digests"]["PREROUTING"] = "PREROUTING-2"  # another tool's rule there
+    second = iptables.read()
+    assert (host["saves"], host["listings"]) == (["iptables"], ["PREROUTING"])
+    _same_for_relayroute(first, second)
     iptables.read()
-    host["digest"] = "d2"
+    assert (host["saves"], host["listings"]) == (["iptables"], ["PREROUTING"])
+
+
+def test_more_moved_chains_than_the_budget_save_the_family(host):
     iptables.read()
-    assert host["saves"] == ["iptables", "iptables"]
+    for name in WANTED:
+        host["digests"][name] = f"{name}-2"
+    iptables.read()
+    assert (host["saves"], host["listings"]) == (["iptables", "iptables"], [])
+
+
+def test_a_reference_from_a_chain_not_read_saves_the_family(host):
+    iptables.read()
+    host["uses"]["RELAYROUTE-RELAY-PRE"] = 3  # a jump from INPUT, say: no digest moved
     iptables.read()
     assert host["saves"] == ["iptables", "iptables"]
 
 
 def test_a_table_that_changed_while_it_was_read_is_not_kept(host):
-    host["during_save"] = "d2"
+    def another_tool(state):
+        state["digests"]["RELAYROUTE-RELAY-PRE"] = "RELAYROUTE-RELAY-PRE-2"
+
+    host["during_read"] = another_tool
     iptables.read()
+    iptables.read()  # nothing was kept: read again
+    assert (host["saves"], host["listings"]) == (["iptables", "iptables"], [])
     iptables.read()
-    assert host["saves"] == ["iptables", "iptables"]
+    assert (host["saves"], host["listings"]) == (["iptables", "iptables"], [])
 
 
-def test_a_verification_that_listed_every_chain_the_memo_keeps_spares_the_next_read(host):
+def test_a_verification_spares_the_next_read(host):
     iptables.read_part(PREFIX)
     assert host["saves"] == []
     assert host["listings"] == ["PREROUTING", "OUTPUT", "RELAYROUTE-RELAY-PRE"]
     iptables.read()
     assert host["saves"] == []
+    assert host["listings"] == ["PREROUTING", "OUTPUT", "RELAYROUTE-RELAY-PRE"]
 
 
-def test_a_verification_of_one_role_on_a_host_with_both_keeps_nothing(host, monkeypatch):
-    names = NAMES | {"RELAYROUTE-PROXY-DIVERT"}
-    monkeypatch.setattr(
-        iptables, "_nft_view", lambda tool: ("d1", names) if tool.version == 4 else None
-    )
-    monkeypatch.setattr(
-        iptables,
-        "nft_chains",
-        lambda nfproto: {("mangle", n) for n in names} if nfproto == 2 else set(),
-    )
+def test_a_verification_of_one_role_on_a_host_with_both_leaves_the_others_chain_to_list(host):
+    host["names"] = NAMES | {"RELAYROUTE-PROXY-DIVERT"}
+    host["digests"]["RELAYROUTE-PROXY-DIVERT"] = "divert-1"
+    host["uses"]["RELAYROUTE-PROXY-DIVERT"] = 0
     iptables.read_part(PREFIX)
     iptables.read()
-    assert host["saves"] == ["iptables"]
+    assert host["saves"] == []
+    assert host["listings"][3:] == ["RELAYROUTE-PROXY-DIVERT"]
 
 
 def test_iptables_legacy_reads_every_time(host, monkeypatch):
@@ -184,13 +227,12 @@ def test_iptables_legacy_reads_every_time(host, monkeypatch):
     assert host["saves"] == ["iptables", "iptables"]
 
 
-def test_a_table_without_any_owners_chain_needs_no_read(host, monkeypatch):
-    names = frozenset({"PREROUTING", "OUTPUT", "OTHER"})
-    monkeypatch.setattr(iptables, "_nft_view", lambda tool: ("d9", names))
+def test_a_table_without_any_owners_chain_needs_no_read(host):
+    host["names"] = frozenset({"PREROUTING", "OUTPUT", "OTHER"})
     ruleset = iptables.read()
-    assert host["saves"] == []
+    assert (host["saves"], host["listings"]) == ([], [])
     assert ruleset.read == (4,)
-    assert set(ruleset.table(4).chains) == names
+    assert set(ruleset.table(4).chains) == host["names"]
     assert ruleset.table(4).owned(PREFIX) == {}
     assert ruleset.table(4).jumps(PREFIX) == []
     assert ruleset.table(6).chains == {}
