@@ -200,7 +200,8 @@ def _wrap(what, event_loop=False):
                 if event_loop:
                     return _outside_event_loop(func, *args, **kwargs)
                 return func(*args, **kwargs)
-            except NetlinkError as err:
+            except (NetlinkError, OSError) as err:
+                # OSError: the socket's own failure (ENOBUFS, a namespace gone).
                 raise NetlinkOpError(f"{what}: {err}") from err
 
         inner.__name__ = func.__name__

@@ -195,3 +195,20 @@ def test_a_real_socket_reads_this_namespace_and_is_closed_on_leaving():
         assert made.rules(socket.AF_INET)
         assert "lo" in made.links().values()
     assert made._sock is None
+
+
+def test_a_sockets_failure_is_named_as_the_reads(monkeypatch):
+    from relayroute_core import netlink
+
+    class Broken:
+        def __enter__(self):
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(netlink, "Reader", Broken)
+    with pytest.raises(
+        netlink.NetlinkOpError, match="reading routing state over netlink: .*buffer"
+    ):
+        netlink.read()
