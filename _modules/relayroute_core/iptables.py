@@ -649,7 +649,7 @@ def read():
     listing = sum(len(stale) for *_rest, stale in pending) <= LISTING_BUDGET
     for version, tool, seen, known, stale in pending:
         table = None
-        if listing:
+        if listing or not stale:
             specs = {name: known[name][1] for name in seen[1] if name not in stale}
             specs.update({name: _listed(tool, name) for name in stale})
             table = Table({name: list(specs.get(name, [])) for name in sorted(seen[0])})

@@ -236,3 +236,22 @@ def test_a_table_without_any_owners_chain_needs_no_read(host):
     assert ruleset.table(4).owned(PREFIX) == {}
     assert ruleset.table(4).jumps(PREFIX) == []
     assert ruleset.table(6).chains == {}
+
+
+def test_a_family_whose_chains_stand_is_not_saved_with_the_other(host, monkeypatch):
+    real_view = iptables._nft_view
+
+    def view(tool):
+        if tool.version == 6:  # the same chains as IPv4's, never moving
+            names, chains = real_view(iptables.TOOLS[4])
+            return names, {name: (f"v6-{name}", use) for name, (_d, use) in chains.items()}
+        return real_view(tool)
+
+    monkeypatch.setattr(iptables, "_nft_view", view)
+    iptables.read()
+    assert host["saves"] == ["iptables", "ip6tables"]
+    for name in WANTED:
+        host["digests"][name] = f"{name}-2"  # IPv4's three chains move: beyond the budget
+    ruleset = iptables.read()
+    assert (host["saves"], host["listings"]) == (["iptables", "ip6tables", "iptables"], [])
+    assert ruleset.read == (4, 6)
