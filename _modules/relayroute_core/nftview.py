@@ -57,7 +57,7 @@ NLMSG_HEADER = struct.Struct("=IHHII")
 NFGENMSG = struct.Struct("=BBH")
 NLATTR = struct.Struct("=HH")
 # Expressions whose dumped values change with traffic, not with the ruleset.
-VOLATILE = (b"counter",)
+VOLATILE = ("counter",)
 # Answers that mean "nothing here": no nf_tables in this kernel, no such chain.
 EMPTY = (0, -errno.EOPNOTSUPP, -errno.EPROTONOSUPPORT, -errno.ENOENT)
 
@@ -189,10 +189,14 @@ def _rule_bytes(attrs):
         if kind != NFTA_RULE_EXPRESSIONS:
             parts.append(raw)
             continue
-        for _elem_kind, elem, elem_raw in attributes(value, 0, len(value)) or []:
+        elems = attributes(value, 0, len(value))
+        if elems is None:  # not a list of expressions: taken whole, never left out
+            parts.append(raw)
+            continue
+        for _elem_kind, elem, elem_raw in elems:
             inner = attributes(elem, 0, len(elem)) or []
             name = next((v for k, v, _r in inner if k == NFTA_EXPR_NAME), b"")
-            if _string(name).encode() not in VOLATILE:
+            if _string(name) not in VOLATILE:
                 parts.append(elem_raw)
     return b"".join(parts)
 

@@ -255,3 +255,13 @@ def test_a_family_whose_chains_stand_is_not_saved_with_the_other(host, monkeypat
     ruleset = iptables.read()
     assert (host["saves"], host["listings"]) == (["iptables", "ip6tables", "iptables"], [])
     assert ruleset.read == (4, 6)
+
+
+def test_expressions_that_do_not_parse_are_digested_whole():
+    def broken(blob):
+        raw = nla(3, struct.pack(">Q", 7)) + nla(nftview.NFTA_RULE_EXPRESSIONS | 0x8000, blob)
+        return nftview.attributes(raw, 0, len(raw))
+
+    # An attribute claiming more bytes than there are: not a list of expressions.
+    first, second = struct.pack("=HH", 64, 1) + b"\1" * 4, struct.pack("=HH", 64, 1) + b"\2" * 4
+    assert nftview._rule_bytes(broken(first)) != nftview._rule_bytes(broken(second))
