@@ -776,9 +776,11 @@ def read_part(prefix):
     starting with ``prefix``) and the built-in chains it hooks into
     (:data:`HOOKS`), what verifying a transaction just written compares.
 
-    With iptables-nft the owner's chains are found by one netlink dump of
-    chain names (no rules fetched), then each of those chains and each hook
-    chain is listed by its own ``iptables -t mangle -S CHAIN``, which fetches
+    With iptables-nft the owner's chains are found in the table's view
+    (:func:`_nft_view`: its chain names; no other tool's rules fetched),
+    the view the memo records the listings under; then each of those chains
+    and each hook chain is listed by its own ``iptables -t mangle -S CHAIN``,
+    which fetches
     that chain's rules alone: the cost does not grow with other tools' rules
     (1.3 ms of CPU per process beside 10,000 rules of another tool's chain as
     without them, where ``iptables-save -t mangle`` costs 37 ms). A family
@@ -792,14 +794,14 @@ def read_part(prefix):
     memo = nftview.Memo.load(_memo_path())
     for version in VERSIONS:
         tool = TOOLS[version]
-        names = _owned_chain_names(tool, prefix)
+        seen = _nft_view(tool)
+        names = _owned_chain_names(tool, prefix, seen)
         if names is None:
             if tool.always_read or _may_hold(tool):
                 tables[version] = _save(tool)
                 done.append(version)
             continue
         if names:
-            seen = _nft_view(tool)
             listed = [_run((tool.command, "-t", TABLE, "-S", name)) for name in names]
             tables[version] = parse_listing("".join(listed))
             if seen is not None and _nft_view(tool) == seen:
@@ -813,21 +815,27 @@ def read_part(prefix):
     return Ruleset(tables=tables, read=tuple(done))
 
 
-def _owned_chain_names(tool, prefix):
+def _owned_chain_names(tool, prefix, seen=None):
     """
     The hook chains then the owner's chains to list in ``tool``'s family
     (none when it holds no chain of the owner's), or None when they cannot
     be told without reading the whole table (legacy, no netlink answer).
+    ``seen``: the table's :func:`_nft_view` when one was taken (its chain
+    names), else the names come from a dump of the family's chains.
     """
     kind = flavour(tool)
     if kind is None:
         return []
     if kind != "nft":
         return None
-    chains = nft_chains(tool.nfproto)
-    if chains is None:
-        return None
-    owned = sorted(name for table, name in chains if table == TABLE and name.startswith(prefix))
+    if seen is not None:
+        names = seen[0]
+    else:
+        chains = nft_chains(tool.nfproto)
+        if chains is None:
+            return None
+        names = {name for table, name in chains if table == TABLE}
+    owned = sorted(name for name in names if name.startswith(prefix))
     if not owned:
         return []
     return [*HOOKS.values(), *owned]
