@@ -29,6 +29,7 @@ from tests.functional.test_nftables_backend import (
 )
 from tests.functional.test_relay import ARGS
 from tests.functional.test_watch_repairs import UNIT_PRIVILEGES
+from tests.support import spawns
 from tests.support.hosts import (
     DIRECT,
     FOREIGN_MANGLE,
@@ -234,24 +235,14 @@ def test_remove_cleans_every_backend_that_holds_the_role(loaders, relay_ns, tmp_
     assert foreign(relay_ns) == others
 
 
-def spawned_by(loaders, monkeypatch, call):
-    """The argv of every process ``call()`` starts."""
-    real_init = subprocess.Popen.__init__
-    spawned = []
-
-    def recording_init(self, argv, *rest, **kwargs):
-        spawned.append(argv)
-        real_init(self, argv, *rest, **kwargs)
-
-    monkeypatch.setattr(subprocess.Popen, "__init__", recording_init)
-    try:
+def spawned_by(call):
+    """The argv of every process ``call()`` starts (a no-op: it must change nothing)."""
+    with spawns.recorded() as spawned:
         assert call() == {"changes": {}}
-    finally:
-        monkeypatch.undo()
     return spawned
 
 
-def test_a_no_op_after_a_switch_costs_what_it_cost_before(loaders, relay_ns, tmp_path, monkeypatch):
+def test_a_no_op_after_a_switch_costs_what_it_cost_before(loaders, relay_ns, tmp_path):
     """
     The memory names the backend applied last: a no-op looks nowhere else.
     nftables' no-op starts no process (no iptables-save), nor does iptables'
@@ -266,14 +257,9 @@ def test_a_no_op_after_a_switch_costs_what_it_cost_before(loaders, relay_ns, tmp
         switched = apply(backend="nftables", **persist, **ARGS)
         assert "iptables" in switched["changes"]
         assert '"backend": "nftables"' in memory.read_text()
-        assert (
-            spawned_by(loaders, monkeypatch, lambda: apply(backend="nftables", **persist, **ARGS))
-            == []
-        )
+        assert spawned_by(lambda: apply(backend="nftables", **persist, **ARGS)) == []
         apply(backend="iptables", **persist, **ARGS)
-        spawned = spawned_by(
-            loaders, monkeypatch, lambda: apply(backend="iptables", **persist, **ARGS)
-        )
+        spawned = spawned_by(lambda: apply(backend="iptables", **persist, **ARGS))
         assert spawned == []  # the apply's verification is remembered (nftview.py)
         loaders.modules.relayroute.relay_remove(backend="iptables", **persist)
     assert not memory.exists()

@@ -9,11 +9,11 @@ INPUT, another tool's rule inserted before the jump in PREROUTING.
 """
 
 import socket
-import subprocess
 
 import pytest
 
 from tests.functional.test_relay import ARGS, EXPECTED_MANGLE, mangle_rules
+from tests.support import spawns
 
 pytestmark = pytest.mark.root
 
@@ -21,22 +21,13 @@ PRE = "RELAYROUTE-RELAY-PRE"
 
 
 @pytest.fixture
-def applied(loaders, relay_ns, monkeypatch):
-    """The relay applied, and ``spawned(call)``: what a call runs, and its result."""
-    real_init = subprocess.Popen.__init__
+def applied(loaders, relay_ns):
+    """The relay applied, and ``spawned(call)``: the programs a call runs, and its result."""
 
     def spawned(call):
-        seen = []
-
-        def recording_init(self, argv, *rest, **kwargs):
-            seen.append(argv[0])
-            real_init(self, argv, *rest, **kwargs)
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(subprocess.Popen, "__init__", recording_init)
-            with relay_ns.entered():
-                result = call()
-        return seen, result
+        with spawns.recorded() as seen, relay_ns.entered():
+            result = call()
+        return [argv[0] for argv in seen], result
 
     apply = loaders.modules.relayroute.relay_apply
     _seen, first = spawned(lambda: apply(backend="iptables", **ARGS))
@@ -109,16 +100,9 @@ def test_a_first_apply_beside_another_tools_chains_reads_no_table(loaders, relay
         ["iptables-restore", "--noflush"],
         input="*mangle\n:OTHER - [0:0]\n-A PREROUTING -j OTHER\n-A OTHER -j RETURN\nCOMMIT\n",
     )
-    real_init = subprocess.Popen.__init__
-    seen = []
-
-    def recording_init(self, argv, *rest, **kwargs):
-        seen.append(argv[0])
-        real_init(self, argv, *rest, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch, relay_ns.entered():
-        patch.setattr(subprocess.Popen, "__init__", recording_init)
+    with spawns.recorded() as spawned, relay_ns.entered():
         ret = loaders.modules.relayroute.relay_apply(backend="iptables", **ARGS)
+    seen = [argv[0] for argv in spawned]
     assert "iptables" in ret["changes"]
     assert "iptables-save" not in seen, seen
     assert seen.count("iptables-restore") == 1, seen

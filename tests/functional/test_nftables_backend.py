@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.functional.test_relay import ARGS, MAC, PROXIES, SECOND
+from tests.support import spawns
 from tests.support.hosts import (
     DIRECT,
     FOREIGN_MANGLE,
@@ -493,33 +494,21 @@ def test_formula_relay_clean_with_backend_nftables(loaders, relay_ns, tmp_path):
         assert snapshot(relay_ns) == before
 
 
-def test_a_no_op_apply_starts_no_process(loaders, relay_ns, monkeypatch):
+def test_a_no_op_apply_starts_no_process(loaders, relay_ns):
     """
     The read is in process (libnftables), as are netlink and /proc: nothing is
     spawned. With the iptables backend (iptables-nft) neither, as the apply's
     verification is remembered (nftview.py). Control: once another tool has
     changed PREROUTING, the iptables no-op lists that chain (one iptables).
     """
-    import subprocess  # pylint: disable=import-outside-toplevel
-
-    real_init = subprocess.Popen.__init__
 
     def no_op_spawns(backend, meanwhile=None):
         args = {**ARGS, "backend": backend}
         assert loaders.modules.relayroute.relay_apply(**args)["changes"]
         if meanwhile:
             relay_ns.exec(meanwhile)
-        spawned = []
-
-        def recording_init(self, argv, *rest, **kwargs):
-            spawned.append(argv)
-            real_init(self, argv, *rest, **kwargs)
-
-        monkeypatch.setattr(subprocess.Popen, "__init__", recording_init)
-        try:
+        with spawns.recorded() as spawned:
             assert loaders.modules.relayroute.relay_apply(**args) == {"changes": {}}
-        finally:
-            monkeypatch.undo()
         loaders.modules.relayroute.relay_remove(backend=backend)
         return spawned
 
