@@ -670,10 +670,11 @@ def measure(hosts, runs, log):
             for name, relay in host.others.items():
                 results[f"{host.backend}:noop_{name}"].append(noop_on(host, relay, name))
             if host.backend in CHURN:
-                # Another tool changed its own rules since: the memo does not hold.
-                for suffix, relay in [("", host.relay)] + [
-                    ("_foreign", host.others[name]) for name in host.others if name == "foreign"
-                ]:
+                # Another tool changed its own rules since: PREROUTING's digest moved.
+                relays = [("", host.relay)]
+                if "foreign" in host.others:
+                    relays.append(("_foreign", host.others["foreign"]))
+                for suffix, relay in relays:
                     relay.netns.exec(CHURN[host.backend](index))
                     results[f"{host.backend}:noop_changed{suffix}"].append(
                         noop_on(host, relay, "another tool changed PREROUTING")
